@@ -11,7 +11,8 @@ from conftest import SHARED
 from rlvrw import ops
 from rlvrw.models import CompressiveTokenizer, FrameTokenizer, checkpoints
 from rlvrw.models.tokenizer import decoder_frames_per_batch
-from rlvrw.models.tokenizer_train import TrainConfig, evaluate, load_frames, train_tokenizer
+from rlvrw.models.tokenizer_train import TrainConfig, clamp_where_saturated, evaluate, load_frames, train_tokenizer, \
+    unstable_code_loss
 
 BAIR = SHARED / "data" / "video" / "bair_sample.npz"
 SMALL = dict(channels=(32, 64, 64), num_groups=16, latent_channels=16)  # 64x64 frames -> 16x16 ids
@@ -369,6 +370,47 @@ def test_overfits_a_handful_of_real_frames():
         torch.set_num_threads(threads)
     assert history[-1]["seconds"] < 60
     assert result["psnr"] > result["blur_psnr"] + 5.0, result
+
+
+def test_the_loss_sees_the_clamped_frame_where_the_clamp_is_right():
+    """Overshooting a target at 0 or 1 is free (the decoded frame is clamped); overshooting anything else is not."""
+    target = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0, 1.0])
+    recon = torch.tensor([1.3, 0.9, -0.2, 0.1, 1.2, -0.1, 1.4, -0.3], dtype=torch.float64, requires_grad=True)
+    seen = clamp_where_saturated(recon, target)
+    assert seen.tolist() == pytest.approx([1.0, 0.9, 0.0, 0.1, 1.2, -0.1, 1.4, -0.3])
+    (seen - target).abs().sum().backward()
+    assert recon.grad.tolist() == [0.0, -1.0, 0.0, 1.0, 1.0, -1.0, 1.0, -1.0]
+
+
+def test_unstable_code_loss_counts_unchanged_patches_only():
+    """2 pairs of 4x4 frames coded as 2x2 grids of 2-dim codes: patch (0, 0) changes in pair 0, nothing in pair 1."""
+    frames = torch.zeros(4, 3, 4, 4)
+    frames[2, 0, 1, 1] = 1.0  # frame 2 pairs with frame 0: its top-left 2x2 patch differs
+    codes = torch.zeros(4, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        codes[2, :, 0, 0] = 0.5  # a different code, but where the patch changed: free
+        codes[2, 0, 1, 1] = 0.25  # unchanged patch, different code: counted
+        codes[3, 1, 0, 1] = -0.5  # unchanged patch, different code: counted
+    loss = unstable_code_loss(codes, frames, pairs=2)
+    assert loss.item() == pytest.approx((0.25 + 0.5) / 7)  # 3 + 4 unchanged patches
+    loss.backward()
+    assert codes.grad[2, :, 0, 0].abs().sum() == 0 and codes.grad[2, 0, 1, 1] > 0 and codes.grad[3, 1, 0, 1] < 0
+    same_codes = torch.zeros(4, 2, 2, 2)
+    assert unstable_code_loss(same_codes, frames, pairs=2).item() == 0.0
+
+
+def test_consistency_training_pairs_consecutive_frames():
+    torch.manual_seed(0)
+    frames = (torch.rand(6, 3, 16, 16) * 255).to(torch.uint8)
+    frames[1::2] = frames[::2]  # every other frame repeats the one before: all of its patches are unchanged
+    model = FrameTokenizer(channels=(8, 8), layers_per_block=1, num_groups=4, latent_channels=4)
+    history = train_tokenizer(model, frames, TrainConfig(steps=2, batch_size=4, consistency_weight=1.0,
+                                                         log_every=1), log=None)
+    assert all("consistency" in entry and entry["consistency"] >= 0 for entry in history)
+    with pytest.raises(ValueError, match="batch_size must be even"):
+        TrainConfig(batch_size=3, consistency_weight=1.0)
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        train_tokenizer(model, frames[:1], TrainConfig(steps=1, batch_size=2, consistency_weight=1.0), log=None)
 
 
 def test_perceptual_loss_is_any_callable():

@@ -422,12 +422,14 @@ class FrameTokenizer(nn.Module):
     def codebook_size(self) -> int:
         return math.prod(self.levels)
 
-    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training pass: frames (N, 3, H, W) in [0, 1] -> (reconstruction (N, 3, H, W), unclamped; ids (N, h, w)).
-        Gradients reach the encoder through FSQ's straight-through rounding."""
+    def forward(self, frames: torch.Tensor, return_codes: bool = False):
+        """Training pass: frames (N, 3, H, W) in [0, 1] -> (reconstruction (N, 3, H, W), unclamped; ids (N, h, w)),
+        and with ``return_codes`` the FSQ codes (N, len(levels), h, w) too. Gradients reach the encoder through FSQ's
+        straight-through rounding."""
         check_frames("frames", frames, self.downsample_factor)
         codes, ids = quantize(self.quant_in(self.encoder(frames)), self.levels)
-        return self.decoder(self.quant_out(codes)), ids
+        recon = self.decoder(self.quant_out(codes))
+        return (recon, ids, codes) if return_codes else (recon, ids)
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
