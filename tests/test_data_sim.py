@@ -58,6 +58,22 @@ def test_pusht_episodes_push_the_block(tmp_path):
 
 
 @needs_pusht
+def test_pusht_action_repeat_holds_each_target_for_more_steps(tmp_path):
+    """The default holds each target for 3 steps, so that consecutive frames differ more than at one step each."""
+    settings = {"episodes": 3, "frames_per_episode": 12, "size": 32, "seed": 4, "progress": False}
+    default = sim.generate("pusht", tmp_path / "default", **settings)
+    single = sim.generate("pusht", tmp_path / "single", action_repeat=1, **settings)
+    assert sim.read_manifest(default)["config"]["action_repeat"] == sim.DEFAULT_ACTION_REPEAT["pusht"] == 3
+    assert sim.dataset_name(sim.make_config("pusht", 3, 12, 32, 4)).endswith("-repeat3-seed4")
+
+    def frame_change(out):
+        images = [rt1.load_episode(path).image.astype(np.int16) for path in rt1.list_episodes(out)]
+        return np.mean([np.abs(np.diff(image, axis=0)).mean() for image in images])
+
+    assert frame_change(default) > 1.5 * frame_change(single)
+
+
+@needs_pusht
 def test_pusht_same_seed_same_bytes_with_any_number_of_workers(tmp_path):
     settings = {"episodes": 3, "frames_per_episode": 6, "size": 32, "progress": False}
     one = sim.generate("pusht", tmp_path / "one", seed=5, workers=1, **settings)

@@ -7,8 +7,10 @@ statistics of the training split (``action_stats.json``) and a manifest (``gener
 - ``"pusht"``: PushT (``gym-pusht``; pymunk physics, pygame software drawing). A = 2: the target position of the
   round agent, in the 512 x 512 arena's pixels. The scripted policy circles the T-shaped block to the side away from
   the goal and pushes it through its centre of mass towards the goal pose, with a little noise; the block moves in
-  almost every episode. One frame per environment step (10 Hz). Episodes also store ``block_pose`` (T, 3): x, y,
-  angle before each action.
+  almost every episode. Each target is held for ``action_repeat`` environment steps (3: 3.3 frames/s, time for the
+  agent to get near its target), so that consecutive frames differ: at one step per frame (10 Hz) copying the last
+  frame scores a VGG LPIPS of 0.020 on 64 x 64 frames, at three 0.043. Episodes also store ``block_pose`` (T, 3):
+  x, y, angle before each action.
 - ``"metaworld"``: Meta-World (``metaworld``; MuJoCo rendered headless through EGL or OSMesa). A = 4: end-effector
   displacement and gripper effort in [-1, 1]. Meta-World's scripted expert policy of each task, with Gaussian noise
   (std ``METAWORLD_ACTION_NOISE``) on its actions; each action is held for ``action_repeat`` simulator steps (4:
@@ -24,7 +26,7 @@ process, and rlvrw's kernels import triton. A progress bar shows episodes done. 
 with the same settings and only the missing episodes are generated.
 
 ``default_dataset()`` is the embedded data set of ``rlvrw train``: ``DEFAULT_DATASET`` (300 PushT episodes of 32
-frames at 64 x 64), generated once into the cache directory (``rlvrw.files.cache_dir``).
+frames at 32 x 32), generated once into the cache directory (``rlvrw.files.cache_dir``).
 
 Install the simulators with ``pip install gym-pusht metaworld`` (the ``sim`` extra). Headless rendering needs no
 display: pygame uses ``SDL_VIDEODRIVER=dummy``; MuJoCo uses ``MUJOCO_GL`` when set, else EGL when libEGL is present,
@@ -58,10 +60,10 @@ SIMULATORS = ("pusht", "metaworld")
 METAWORLD_TASKS = ("push-v3", "reach-v3", "drawer-open-v3", "button-press-topdown-v3")
 METAWORLD_CAMERA = "corner4"
 METAWORLD_ACTION_NOISE = 0.1
-DEFAULT_ACTION_REPEAT = {"pusht": 1, "metaworld": 4}
+DEFAULT_ACTION_REPEAT = {"pusht": 3, "metaworld": 4}
 SIM_PACKAGES = {"pusht": ("gym-pusht", "pymunk", "pygame"), "metaworld": ("metaworld", "mujoco")}
 MANIFEST_FILE = "generation.json"
-DEFAULT_DATASET = {"sim": "pusht", "episodes": 300, "frames_per_episode": 32, "size": 64, "seed": 0}
+DEFAULT_DATASET = {"sim": "pusht", "episodes": 300, "frames_per_episode": 32, "size": 32, "seed": 0}
 
 # PushT's scripted pusher, in arena pixels (the arena is 512 x 512, the agent's radius 15, the T 120 x 120).
 PUSHT_ORBIT_RADIUS = (90.0, 110.0)  # distance from the block's centre while circling it; drawn per episode
@@ -423,9 +425,10 @@ def generate(sim: str = "pusht", out_dir: str | Path | None = None, episodes: in
 def dataset_name(config: GenerationConfig) -> str:
     """A directory name that tells data sets with different settings apart."""
     height, width = config.size
-    name = f"{config.sim}-{config.episodes}x{config.frames_per_episode}-{height}x{width}-seed{config.seed}"
+    name = (f"{config.sim}-{config.episodes}x{config.frames_per_episode}-{height}x{width}-repeat{config.action_repeat}"
+            f"-seed{config.seed}")
     if config.sim == "metaworld":
-        name += f"-repeat{config.action_repeat}-" + "+".join(config.tasks)
+        name += "-" + "+".join(config.tasks)
     return name
 
 
@@ -452,6 +455,9 @@ def add_cli(subparsers) -> None:
     gen.add_argument("--workers", type=int, default=1, help="processes")
     gen.add_argument("--tasks", nargs="+", default=None,
                      help=f"Meta-World tasks (default: {' '.join(METAWORLD_TASKS)})")
+    gen.add_argument("--action-repeat", type=int, default=None,
+                     help="simulator steps per frame, each action held throughout (default: "
+                          + ", ".join(f"{sim} {n}" for sim, n in DEFAULT_ACTION_REPEAT.items()) + ")")
     gen.set_defaults(func=_run_generate)
 
     convert = commands.add_parser("convert-rlds", help="Open X-Embodiment RLDS (e.g. RT-1) -> npz episodes; needs "
@@ -477,7 +483,7 @@ def add_cli(subparsers) -> None:
 
 def _run_generate(args) -> int:
     out = generate(args.sim, args.out, args.episodes, args.frames, tuple(args.size), args.seed, args.workers,
-                   tasks=args.tasks)
+                   tasks=args.tasks, action_repeat=args.action_repeat)
     print(f"{len(list_episodes(out))} episodes in {out}")
     return 0
 
