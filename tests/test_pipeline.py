@@ -28,7 +28,7 @@ def test_yaml_config_file(tmp_path):
     path = tmp_path / "settings.yaml"
     path.write_text("rl_steps: 9\ntokenizer_channels: [16, 32]\n")
     config = resolve_config(read_config_file(path))
-    assert config.rl_steps == 9 and config.tokenizer_channels == [16, 32] and config.token_grid == (32, 32)
+    assert config.rl_steps == 9 and config.tokenizer_channels == [16, 32] and config.token_grid == (16, 16)
 
 
 def test_override_values_are_json_where_they_parse():
@@ -43,8 +43,11 @@ def test_override_values_are_json_where_they_parse():
     ({"rl_steps": "many"}, "rl_steps"),
     ({"progress": 1}, "progress"),
     ({"tokenizer_lpips": "resnet"}, "tokenizer_lpips"),
-    ({"frame_size": 60}, "frame_size"),
-    ({"sim_frames": 2}, "sim_frames"),
+    ({"frame_size": 62}, "frame_size"),
+    ({"sim_frames": 1}, "sim_frames"),
+    ({"tokenizer_consistency": -0.5}, "tokenizer_consistency"),
+    ({"eval_top_k": -1}, "eval_top_k"),
+    ({"sim_action_repeat": -2}, "sim_action_repeat"),
 ])
 def test_bad_settings_raise_value_errors_naming_them(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -19,9 +19,10 @@ Then ``DIR/eval.json`` (DESIGN.md's contract): ``{"mle": {"mse", "psnr", "ssim",
 "mean_of_n": {"mle", "rlvr"}, "stage_seconds", "config"}`` (rows as ``rlvrw.rl.evaluate`` defines them), printed as
 a table. An evaluation is reused when its ``eval.json`` was made with the same settings.
 
-Settings: ``DEFAULT_CONFIG`` (``PipelineConfig``'s defaults: 300 PushT episodes of 32 frames at 64 x 64, 8 x 8
-tokens per frame, 2 context frames, a 2.2M-parameter world model; about 8 minutes on 2 idle CPU cores, plus under
-a minute to generate the data the first time), then the preset (``preset=smoke`` or
+Settings: ``DEFAULT_CONFIG`` (``PipelineConfig``'s defaults: 300 PushT episodes of 32 frames at 32 x 32, each
+target held for 3 simulator steps, 8 x 8 tokens per frame, 1 context frame, a 2.2M-parameter world model, evaluation
+sampled at temperature 1 with top-k 100 as the reference's; about 7.5 minutes on 2 idle CPU cores, plus under a
+minute to generate the data the first time), then the preset (``preset=smoke`` or
 ``--quick``: a minute or two, for tests), then the config file (JSON, or YAML when PyYAML is installed), then the
 ``key=value`` arguments (values are read as JSON when they parse, else as strings: ``rl_steps=50``,
 ``tokenizer_channels=[32,64,64,64]``, ``sim=pusht``). The resolved settings are written to ``DIR/config.json``.
@@ -69,24 +70,27 @@ class PipelineConfig:
     sim: str = "pusht"
     sim_episodes: int = 300  # every 100th episode is held out for evaluation
     sim_frames: int = 32
-    frame_size: int = 64
+    sim_action_repeat: int = 0  # simulator steps per frame; 0: the simulator's default (rlvrw.data.sim)
+    frame_size: int = 32
     data_seed: int = 0
     data_workers: int = 2
-    # tokenizer: 64x64 frames -> 8x8 ids (three halvings)
-    tokenizer_channels: list = field(default_factory=lambda: [16, 32, 64, 64])
+    # tokenizer: 32x32 frames -> 8x8 ids (two halvings: 4x4 pixels per id; with three, 8x8 pixels per id, no id
+    # sequence reconstructs PushT's edges well enough to beat copying the last frame)
+    tokenizer_channels: list = field(default_factory=lambda: [16, 32, 64])
     tokenizer_layers_per_block: int = 1
     tokenizer_latent_channels: int = 16
     tokenizer_num_groups: int = 16
     tokenizer_levels: list = field(default_factory=lambda: [7, 5, 5, 5, 5])
-    tokenizer_steps: int = 800
+    tokenizer_steps: int = 1600
     tokenizer_batch_size: int = 8
     tokenizer_lr: float = 2e-3
     tokenizer_lpips: str = "alex"  # perceptual loss network, or "none"
+    tokenizer_consistency: float = 0.3  # weight of the same-id-where-nothing-changed term (tokenizer_train)
     # world model and MLE pre-training
-    context_frames: int = 2  # the paper's 4 would double the sequence, and CPU time, for a small model
+    context_frames: int = 1  # the paper's 4 would quadruple the prompt, and CPU time, for a small model
     # WorldModelConfig fields over WorldModelConfig.small's (4 layers, hidden 256): half its width, a quarter its cost
     model_overrides: dict = field(default_factory=lambda: {"hidden_size": 128, "intermediate_size": 512})
-    pretrain_steps: int = 600
+    pretrain_steps: int = 1200
     pretrain_batch_size: int = 16
     pretrain_lr: float = 1e-3
     pretrain_warmup_steps: int = 100
@@ -99,6 +103,7 @@ class PipelineConfig:
     rl_lpips_net: str = "vgg"
     # evaluation on the held-out episodes
     eval_group_size: int = 4
+    eval_top_k: int = 100  # the reference evaluation's (eval_vgpt.py: temperature 1, top-k 100); 0: all tokens
     eval_clip_stride: int = 1
     eval_max_clips: int = 0
     eval_lpips_net: str = "vgg"
@@ -126,9 +131,12 @@ class PipelineConfig:
                      "rl_group_size", "eval_group_size", "eval_clip_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("data_seed", "pretrain_warmup_steps", "eval_max_clips", "eval_strip_clips", "seed", "rl_kl_coef"):
+        for name in ("sim_action_repeat", "data_seed", "pretrain_warmup_steps", "eval_top_k", "eval_max_clips",
+                     "eval_strip_clips", "seed", "rl_kl_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.tokenizer_consistency < 0:
+            raise ValueError(f"tokenizer_consistency must be >= 0, got {self.tokenizer_consistency!r}")
         for name in ("tokenizer_lr", "pretrain_lr", "rl_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -223,7 +231,7 @@ def prepare_data(config: PipelineConfig) -> Path:
     from rlvrw.data.sim import generate
 
     return generate(config.sim, None, config.sim_episodes, config.sim_frames, config.frame_size, config.data_seed,
-                    config.data_workers, progress=config.progress)
+                    config.data_workers, action_repeat=config.sim_action_repeat or None, progress=config.progress)
 
 
 def train_tokenizer_stage(config: PipelineConfig, episodes: Path, run_dir: Path, device: torch.device) -> Path:
@@ -246,7 +254,8 @@ def train_tokenizer_stage(config: PipelineConfig, episodes: Path, run_dir: Path,
                            latent_channels=config.tokenizer_latent_channels, levels=config.tokenizer_levels,
                            num_groups=config.tokenizer_num_groups).to(device)
     train_config = TrainConfig(steps=config.tokenizer_steps, batch_size=config.tokenizer_batch_size,
-                               lr=config.tokenizer_lr, warmup_steps=min(100, config.tokenizer_steps // 10),
+                               lr=config.tokenizer_lr, consistency_weight=config.tokenizer_consistency,
+                               warmup_steps=min(100, config.tokenizer_steps // 10),
                                seed=config.seed, log_every=max(1, config.tokenizer_steps // 5))
     perceptual = None if config.tokenizer_lpips == "none" else lpips_loss(config.tokenizer_lpips, device)
     print(f"tokenizer: {len(frames)} frames -> {config.token_grid[0]}x{config.token_grid[1]} ids, "
@@ -296,7 +305,7 @@ def eval_stage(config: PipelineConfig, model_dir: Path, episodes: Path, tokenize
     eval_config = EvalConfig(
         model=str(model_dir), tokenizer=str(tokenizer), episodes=str(episodes), out_dir=str(out_dir),
         context_frames=config.context_frames, clip_stride=config.eval_clip_stride, max_clips=config.eval_max_clips,
-        group_size=config.eval_group_size, lpips_net=config.eval_lpips_net, lpips_weights=config.lpips_weights,
+        group_size=config.eval_group_size, top_k=config.eval_top_k, lpips_net=config.eval_lpips_net, lpips_weights=config.lpips_weights,
         strip_clips=config.eval_strip_clips, seed=config.seed, device=config.device)
     previous = out_dir / RESULT_FILE
     if previous.is_file():
