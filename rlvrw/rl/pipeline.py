@@ -131,12 +131,10 @@ class PipelineConfig:
                      "rl_group_size", "eval_group_size", "eval_clip_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("sim_action_repeat", "data_seed", "pretrain_warmup_steps", "eval_top_k", "eval_max_clips",
-                     "eval_strip_clips", "seed", "rl_kl_coef"):
+        for name in ("sim_action_repeat", "data_seed", "tokenizer_consistency", "pretrain_warmup_steps", "eval_top_k",
+                     "eval_max_clips", "eval_strip_clips", "seed", "rl_kl_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.tokenizer_consistency < 0:
-            raise ValueError(f"tokenizer_consistency must be >= 0, got {self.tokenizer_consistency!r}")
         for name in ("tokenizer_lr", "pretrain_lr", "rl_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
