@@ -229,15 +229,16 @@ def test_command_line_from_episode_files(tmp_path):
     args = parser.parse_args([
         "pretrain", "--config", str(tmp_path / "config.json"), "--episodes", str(episode_dir), "--tokenizer",
         str(tmp_path / "tok.safetensors"), "--out", str(tmp_path / "run"), "--micro-batch-size", "2",
-        "--no-progress", "--tensorboard", "off",
+        "--no-progress", "--tensorboard", "off", "--action-bins", "8",
     ])
     assert args.func(args) == 0
     cache = P.load_token_cache(tmp_path / "run" / "tokens.npz")
     assert cache.frame_ids.shape == (2, 6, 64) and cache.codebook_size == 16  # ep000 is the test split
+    assert cache.action_bins.min() == 0 and cache.action_bins.max() == 7  # the actions are binned as asked
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["micro_batch_size"] == 2 and saved["steps"] == 2
     model = WorldModelTransformer.from_pretrained(tmp_path / "run" / "model")
-    assert model.config.vocab_size == 16 + 256 + 2
+    assert model.config.vocab_size == 16 + 8 + 2
 
 
 # ---- logs ----------------------------------------------------------------------------------------------------------

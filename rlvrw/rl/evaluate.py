@@ -138,7 +138,8 @@ def collect_clips(config: EvalConfig, tokenizer, device: torch.device) -> EvalCl
     span = config.context_frames * config.frame_skip + 1
     frames, ids, actions, episodes = [], [], [], []
     grid = None
-    for index, (episode_frames, episode_bins) in enumerate(episode_stream(config.episodes, split=config.split)):
+    for index, (episode_frames, episode_bins) in enumerate(
+            episode_stream(config.episodes, split=config.split, action_bins=config.action_bins)):
         if episode_frames.shape[0] < span:
             logger.warning("episode %d of the %s split has %d frames, fewer than a clip's %d: skipped", index,
                            config.split, episode_frames.shape[0], span)

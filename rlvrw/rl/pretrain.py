@@ -69,6 +69,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import rlvrw.ops as ops
+from rlvrw.data.actions import NUM_BINS
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
 from rlvrw.ops import _checks
@@ -664,21 +665,22 @@ def prepare_token_cache(config: PretrainConfig, context: distributed.Distributed
         from rlvrw.models.checkpoints import load_tokenizer
 
         tokenizer = load_tokenizer(config.tokenizer).to(context.device)
-        summary = tokenize_episodes(tokenizer, episode_stream(config.episodes, config.frame_size), cache_path,
-                                    progress=config.progress)
+        episodes = episode_stream(config.episodes, config.frame_size, action_bins=config.action_bins)
+        summary = tokenize_episodes(tokenizer, episodes, cache_path, progress=config.progress)
         logger.info("tokenized %(episodes)d episodes (%(frames)d frames, %(skipped)d skipped) into %(path)s", summary)
     distributed.barrier()
     return cache_path
 
 
-def episode_stream(root: str | Path, frame_size: tuple[int, int] | None = None, split: str = "train"):
+def episode_stream(root: str | Path, frame_size: tuple[int, int] | None = None, split: str = "train",
+                   action_bins: int = NUM_BINS):
     """(frames (T, H, W, 3) uint8, action_bins (T, A)) of every readable episode of ``split`` in an episode
-    directory (``rlvrw.data.rt1``'s format), actions binned with the data set's statistics; unreadable files and
-    episodes without actions are logged, skipped and counted."""
+    directory (``rlvrw.data.rt1``'s format), actions cut into ``action_bins`` bins per dimension with the data set's
+    statistics; unreadable files and episodes without actions are logged, skipped and counted."""
     from rlvrw.data import rt1
     from rlvrw.data.actions import ActionDiscretizer
 
-    discretizer = ActionDiscretizer.from_stats(rt1.dataset_action_stats(root))
+    discretizer = ActionDiscretizer.from_stats(rt1.dataset_action_stats(root), action_bins)
     skipped = 0
     for path in rt1.split_episodes(rt1.list_episodes(root), split):
         try:
