@@ -6,6 +6,7 @@
 * the token cache: round trip, a directory with a corrupt file (skipped and counted), padding, multi-step clips;
 * the clip sampler is a pure function of (seed, step) and takes its tokens from the cache;
 * ``tokenize_episodes`` with a stand-in tokenizer, and the command line from episode files with a real one;
+* ``tokenize_clips``: multi-step clips coded by a tiny compressive tokenizer, and the command line that writes them;
 * run logs (JSONL, resume truncation, TensorBoard when installed) and input errors.
 """
 
@@ -241,6 +242,103 @@ def test_command_line_from_episode_files(tmp_path):
     assert model.config.vocab_size == 16 + 8 + 2
 
 
+def tiny_compressive_tokenizer():
+    """A 16x16-frame CompressiveTokenizer: 8x8 = 64 context ids, 2x2 = 4 ids per future frame, 9 codes. Its FSQ
+    input layers are scaled up so that the untrained encoder's ids vary with the frame (else nearly all are the
+    middle code, and a clip coded from the wrong frames would go unnoticed)."""
+    from rlvrw.models.tokenizer import CompressiveTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CompressiveTokenizer(frame_size=(16, 16), channels=(8, 8), layers_per_block=1, latent_channels=4,
+                                     levels=(3, 3), num_groups=4, patch_size=4, num_heads=2, attention_max_side=8)
+    with torch.no_grad():
+        tokenizer.context_quant_in.weight.mul_(30)
+        tokenizer.future_quant_in.weight.mul_(30)
+    return tokenizer.eval()
+
+
+def test_clip_times():
+    np.testing.assert_array_equal(P.clip_times(9, 3, frame_skip=2, stride=3), [[0, 2, 4], [3, 5, 7]])
+    np.testing.assert_array_equal(P.clip_times(4, 4), [[0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="fewer than the 7"):
+        P.clip_times(6, 4, frame_skip=2)
+
+
+def test_tokenize_clips(tmp_path, caplog):
+    """Clips of 1 + C + K = 4 frames, non-overlapping by default: a 9-frame episode gives 2 (frame 8 is left over),
+    a 3-frame one none (skipped), a 12-frame one 3."""
+    tokenizer = tiny_compressive_tokenizer()
+    rng = np.random.default_rng(0)
+    episodes = [(rng.integers(0, 256, (length, 16, 16, 3), dtype=np.uint8), rng.integers(0, 256, (length, 2)))
+                for length in (9, 3, 12)]
+    summary = P.tokenize_clips(tokenizer, episodes, tmp_path / "m.npz", context_frames=1, predicted_frames=2,
+                               progress=False)
+    assert summary == {"episodes": 2, "clips": 5, "skipped": 1, "path": str(tmp_path / "m.npz")}
+    assert "skipping episode 1" in caplog.text and "fewer than the 4" in caplog.text
+    cache = P.load_token_cache(tmp_path / "m.npz")
+    assert cache.context_ids.shape == (5, 64) and cache.frame_ids.shape == (5, 3, 4)
+    assert cache.action_bins.shape == (5, 3, 2) and cache.codebook_size == 9
+    assert cache.episode_lengths.tolist() == [3] * 5
+    # episode 0's clips start at frames 0 and 4: context frames 0 and 4, layout frames 1-3 and 5-7
+    frames = torch.from_numpy(episodes[0][0]).permute(0, 3, 1, 2).float() / 255
+    future = torch.tensor([[1, 2, 3], [5, 6, 7]])
+    context_ids, future_ids = tokenizer.encode(frames[[0, 4]], frames[future])
+    np.testing.assert_array_equal(cache.context_ids[:2], context_ids.flatten(1).numpy())
+    np.testing.assert_array_equal(cache.frame_ids[:2], future_ids.flatten(2).numpy())
+    np.testing.assert_array_equal(cache.action_bins[:2], episodes[0][1][future.numpy()])
+    np.testing.assert_array_equal(cache.action_bins[4], episodes[2][1][[9, 10, 11]])
+    layout = P.layout_for_cache(cache, context_frames=1, codebook_size=9, action_bins=256)
+    assert (layout.mode, layout.context_tokens, layout.frame_tokens, layout.predicted_frames) == \
+        ("multi_step", 64, 4, 2)
+
+    overlapping = P.tokenize_clips(tokenizer, episodes[:1], tmp_path / "o.npz", context_frames=1,
+                                   predicted_frames=2, frame_skip=2, clip_stride=1, progress=False)
+    assert overlapping["clips"] == 3  # starts 0, 1, 2: frames s, s+2, s+4, s+6 of 9
+    with pytest.raises(ValueError, match="tokenizer must be a CompressiveTokenizer"):
+        P.tokenize_clips(PoolingTokenizer(), episodes, tmp_path / "x.npz", context_frames=1, predicted_frames=2)
+    with pytest.raises(ValueError, match="predicted_frames"):
+        P.tokenize_clips(tokenizer, episodes, tmp_path / "x.npz", context_frames=1, predicted_frames=0)
+    with pytest.raises(ValueError, match="no usable episode"):
+        P.tokenize_clips(tokenizer, episodes[1:2], tmp_path / "x.npz", context_frames=1, predicted_frames=2,
+                         progress=False)
+
+
+def test_command_line_writes_a_multi_step_cache_from_episode_files(tmp_path, caplog):
+    """With a CompressiveTokenizer checkpoint, `rlvrw pretrain --episodes` writes clips and trains multi-step. With
+    --frame-skip 2 a clip of 1 + 1 + 2 frames spans 7 of an episode's 9 frames: one clip per episode, whose rows
+    the training then reads frame after frame."""
+    import logging
+
+    from rlvrw.data import rt1
+    from rlvrw.models.checkpoints import save_tokenizer
+
+    caplog.set_level(logging.INFO)
+    rng = np.random.default_rng(0)
+    episode_dir = tmp_path / "episodes"
+    for index, length in enumerate((9, 9, 9, 2)):  # ep000 is the test split; ep003 is shorter than a clip
+        rt1.save_episode(episode_dir / f"ep{index:03d}.npz",
+                         rng.integers(0, 256, (length, 16, 16, 3), dtype=np.uint8), rng.normal(size=(length, 2)))
+    (episode_dir / "ep999.npz").write_bytes(b"truncated")
+    save_tokenizer(tiny_compressive_tokenizer(), tmp_path / "tok.safetensors")
+    assert P.main([
+        "--episodes", str(episode_dir), "--tokenizer", str(tmp_path / "tok.safetensors"), "--out",
+        str(tmp_path / "run"), "--context-frames", "1", "--predicted-frames", "2", "--frame-skip", "2", "--steps", "2",
+        "--warmup-steps", "1", "--micro-batch-size", "2", "--model-overrides", json.dumps(TINY_MODEL),
+        "--action-bins", "8", "--no-progress", "--tensorboard", "off",
+    ]) == 0
+    assert "skipping episode file (1 skipped so far)" in caplog.text  # ep999, by the episode reader
+    assert "tokenized 2 clips of 2 episodes (1 skipped)" in caplog.text  # ep003, by tokenize_clips
+    cache = P.load_token_cache(tmp_path / "run" / "tokens.npz")
+    assert cache.context_ids.shape == (2, 64) and cache.frame_ids.shape == (2, 3, 4)
+    train = list(P.episode_stream(episode_dir, action_bins=8))  # ep001, ep002 (ep003 too short for a clip)
+    for row in range(2):  # context frame 0, layout frames 2, 4, 6 and the actions taken there
+        np.testing.assert_array_equal(cache.action_bins[row], train[row][1][[2, 4, 6]])
+    layout = P.layout_for_cache(cache, context_frames=1, codebook_size=9, action_bins=8)
+    model = WorldModelTransformer.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.vocab_size == layout.vocab_size == 2 * 9 + 8 + 2
+    assert read_metrics(tmp_path / "run")[-1]["step"] == 2
+
+
 # ---- logs ----------------------------------------------------------------------------------------------------------
 def test_run_logger_drops_redone_steps_on_resume(tmp_path):
     log = RunLogger(tmp_path, total_steps=4, tensorboard="off", progress=False)
@@ -276,6 +374,8 @@ def test_tensorboard_scalars(tmp_path):
     ({"parallel": "tp"}, "parallel"),
     ({"episodes": "dir"}, "exactly one"),
     ({"stop_at_step": 9}, "stop_at_step"),
+    ({"predicted_frames": 0}, "predicted_frames"),
+    ({"clip_stride": -1}, "clip_stride"),
     ({"model_overrides": "big"}, "model_overrides"),
     ({"model_overrides": {"hidden": 3}}, "not WorldModelConfig fields"),
 ])

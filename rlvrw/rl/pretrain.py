@@ -16,11 +16,18 @@ reported, skipped and counted), holding
                                                 Its future-frame ids depend on the context frame, so every row of
                                                 such a cache is one clip, used from frame 0, not an episode to cut.
 
-``tokenize_episodes`` writes a (single-step) cache from episodes with a frozen per-frame tokenizer; multi-step caches
-come from the compressive tokenizer, clip by clip. A per-frame tokenizer gives a frame the same ids whatever clip the
-frame is in, so tokenizing each frame once before training is the same as tokenizing clips on the fly, at a fraction
-of the cost; ``rlvrw pretrain --episodes DIR --tokenizer CKPT`` does that first (into ``OUT/tokens.npz``) and then
-trains.
+``tokenize_episodes`` writes a (single-step) cache from episodes with a frozen per-frame tokenizer. A per-frame
+tokenizer gives a frame the same ids whatever clip the frame is in, so tokenizing each frame once before training is
+the same as tokenizing clips on the fly, at a fraction of the cost. ``tokenize_clips`` writes a multi-step cache with
+the compressive tokenizer, clip by clip. A clip is the 1 + C + K episode frames s, s+k, ..., s+(C+K)k
+(k = ``frame_skip``), aligned as iVideoGPT's ``CompressiveVQModel`` and RLVR-World's 9-frame RT-1 clips
+(``rlvrw.data.rt1.MULTI_STEP_FRAMES``) have it: the context frame is the clip's first frame, a frame of its own,
+coded with M tokens (``context_ids``); the layout's frames F_0 .. F_{C+K-1} (``SequenceLayout``'s doc) are the next
+C + K frames, each coded with N tokens against the context frame (``frame_ids``); the action after F_j is the action
+taken at F_j (``action_bins[:, j]`` = the episode's action at frame s+(1+j)k). The context frame's own action is not
+in the sequence: F_0 is given, not predicted. Clips start every ``clip_stride`` frames (default: a clip's span, no
+overlap). ``rlvrw pretrain --episodes DIR --tokenizer CKPT`` first writes the cache of its tokenizer's kind (into
+``OUT/tokens.npz``), then trains.
 
 Sequences
 ---------
@@ -59,7 +66,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +78,7 @@ import torch.nn as nn
 import rlvrw.ops as ops
 from rlvrw.data.actions import NUM_BINS
 from rlvrw.data.sequences import SequenceLayout
+from rlvrw.models.tokenizer import CompressiveTokenizer
 from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
 from rlvrw.ops import _checks
 from rlvrw import files
@@ -81,6 +89,7 @@ from rlvrw.rl.logging import TENSORBOARD_CHOICES, RunLogger
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "tokens.npz"
+ACTION_DTYPES = (np.uint8, np.int16, np.int32)  # the cache format's action_bins dtypes, narrowest first
 PRECISIONS = ("auto", "bf16", "fp32")
 MODEL_SIZES = ("small", "base")
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU; matched against the device name.
@@ -139,7 +148,7 @@ def save_token_cache(
     cache = _validated_cache(frame_ids, action_bins, episode_lengths, context_ids, codebook_size, where="arguments")
     arrays = {
         "frame_ids": _narrowest_int(cache.frame_ids, (np.int16, np.int32)),
-        "action_bins": _narrowest_int(cache.action_bins, (np.uint8, np.int16, np.int32)),
+        "action_bins": _narrowest_int(cache.action_bins, ACTION_DTYPES),
         "episode_lengths": cache.episode_lengths.astype(np.int32),
     }
     if cache.context_ids is not None:
@@ -276,6 +285,88 @@ def _encode_frames(tokenizer, frames: torch.Tensor, device: torch.device, frames
     return np.concatenate(chunks)
 
 
+def clip_span(clip_frames: int, frame_skip: int) -> int:
+    """Frames of an episode that one clip of ``clip_frames`` frames, ``frame_skip`` apart, covers."""
+    return (clip_frames - 1) * frame_skip + 1
+
+
+def clip_times(num_frames: int, clip_frames: int, frame_skip: int = 1, stride: int = 1) -> np.ndarray:
+    """Frame indices (n, clip_frames) int64 of the clips of an episode of ``num_frames`` frames: clip i starts at
+    frame i * ``stride`` and takes ``clip_frames`` frames ``frame_skip`` apart; every clip that fits, in order.
+    ValueError when the episode is shorter than one clip."""
+    span = clip_span(clip_frames, frame_skip)
+    if num_frames < span:
+        raise ValueError(f"{num_frames} frames, fewer than the {span} that a clip of {clip_frames} frames "
+                         f"{frame_skip} apart covers")
+    starts = np.arange(0, num_frames - span + 1, stride)
+    return starts[:, None] + frame_skip * np.arange(clip_frames)
+
+
+@torch.inference_mode()
+def encode_clips(tokenizer: CompressiveTokenizer, frames: torch.Tensor, times: np.ndarray, device: torch.device,
+                 frames_per_batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clips at ``times`` (n, 1 + F) of uint8 frames (T, 3, H, W) through a compressive tokenizer: each clip's
+    frame 0 is its context frame and frames 1..F are coded against it. Returns (context ids (n, M), frame ids
+    (n, F, N)), int64 on the CPU, grids flattened row by row; as many clips per encoder pass as fit in
+    ``frames_per_batch`` frames (at least one)."""
+    clips_per_batch = max(1, frames_per_batch // times.shape[1])
+    contexts, futures = [], []
+    for start in range(0, times.shape[0], clips_per_batch):
+        index = torch.from_numpy(times[start : start + clips_per_batch])
+        clips = frames[index].to(device).float().div_(255.0)  # (b, 1 + F, 3, H, W)
+        context_ids, future_ids = tokenizer.encode(clips[:, 0], clips[:, 1:])
+        contexts.append(context_ids.flatten(1).cpu())
+        futures.append(future_ids.flatten(2).cpu())
+    return torch.cat(contexts), torch.cat(futures)
+
+
+def _check_encoding_settings(tokenizer, frames_per_batch, device) -> torch.device:
+    """``frames_per_batch`` checked; the device the encoder runs on (default: the tokenizer's parameters')."""
+    if isinstance(frames_per_batch, bool) or not isinstance(frames_per_batch, int) or frames_per_batch < 1:
+        raise ValueError(f"frames_per_batch must be a positive int, got {frames_per_batch!r}")
+    if device is None:
+        parameter = next(iter(tokenizer.parameters()), None) if isinstance(tokenizer, nn.Module) else None
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    return torch.device(device)
+
+
+def _ids_dtype(codebook_size: int | None) -> type:
+    """The cache format's dtype for ids of a codebook: the ids of a whole data set stay in memory until the file is
+    written, so they are kept narrow from the start."""
+    return np.int16 if codebook_size is not None and codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
+
+
+def _sizes_past_first_axis(arrays: tuple) -> list[tuple]:
+    """What must agree between the tokenized episodes of one cache: (tokens,), (action dims,) per frame, or the
+    per-clip sizes."""
+    return [array.shape[1:] for array in arrays]
+
+
+def _tokenize_each(episodes: Iterable, tokenize: Callable, progress: bool) -> tuple[list[tuple], int]:
+    """``tokenize(frames (T, 3, H, W) uint8, action_bins (T, A) int64)`` -> a tuple of arrays, for every usable
+    episode of ``episodes`` (pairs as ``tokenize_episodes`` takes them). An episode that is malformed, that
+    ``tokenize`` refuses (ValueError), or whose arrays' sizes past the first axis differ from the first usable
+    episode's is logged, skipped and counted. Returns (the tuples, the count skipped); ValueError when none is
+    usable."""
+    from tqdm.auto import tqdm
+
+    parts, skipped = [], 0
+    for index, episode in enumerate(tqdm(episodes, desc="tokenizing", unit="episode", disable=not progress)):
+        try:
+            part = tokenize(*_episode_arrays(*episode))
+            if parts and _sizes_past_first_axis(part) != _sizes_past_first_axis(parts[0]):
+                raise ValueError(f"array sizes {_sizes_past_first_axis(part)} past the first axis; the first "
+                                 f"episode's are {_sizes_past_first_axis(parts[0])}")
+        except (TypeError, ValueError) as err:
+            skipped += 1
+            logger.warning("skipping episode %d (%d skipped so far): %s", index, skipped, err)
+            continue
+        parts.append(part)
+    if not parts:
+        raise ValueError(f"episodes held no usable episode ({skipped} skipped)")
+    return parts, skipped
+
+
 def tokenize_episodes(
     tokenizer,
     episodes: Iterable,
@@ -296,43 +387,75 @@ def tokenize_episodes(
     """
     if not hasattr(tokenizer, "encode"):
         raise ValueError(f"tokenizer must have an encode(frames) method, got {type(tokenizer).__name__}")
-    if isinstance(frames_per_batch, bool) or not isinstance(frames_per_batch, int) or frames_per_batch < 1:
-        raise ValueError(f"frames_per_batch must be a positive int, got {frames_per_batch!r}")
-    if device is None:
-        parameter = next(iter(tokenizer.parameters()), None) if isinstance(tokenizer, nn.Module) else None
-        device = parameter.device if parameter is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = _check_encoding_settings(tokenizer, frames_per_batch, device)
     codebook_size = getattr(tokenizer, "codebook_size", None)
-    # the ids of a whole data set stay in memory until the file is written: keep them in the format's dtypes
-    ids_dtype = np.int16 if codebook_size is not None and codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
-    from tqdm.auto import tqdm
+    ids_dtype = _ids_dtype(codebook_size)
 
-    frame_ids, action_bins, skipped = [], [], 0
-    for index, episode in enumerate(tqdm(episodes, desc="tokenizing", unit="episode", disable=not progress)):
-        try:
-            frames, actions = _episode_arrays(*episode)
-            ids = _encode_frames(tokenizer, frames, device, frames_per_batch)
-            if frame_ids and (ids.shape[1], actions.shape[1]) != (frame_ids[0].shape[1], action_bins[0].shape[1]):
-                raise ValueError(f"{ids.shape[1]} tokens and {actions.shape[1]} action dims per frame; the first "
-                                 f"episode has {frame_ids[0].shape[1]} and {action_bins[0].shape[1]}")
-        except (TypeError, ValueError) as err:
-            skipped += 1
-            logger.warning("skipping episode %d (%d skipped so far): %s", index, skipped, err)
-            continue
-        frame_ids.append(ids.astype(ids_dtype))
-        action_bins.append(_narrowest_int(actions, (np.uint8, np.int16, np.int32)))
-    if not frame_ids:
-        raise ValueError(f"episodes held no usable episode ({skipped} skipped)")
-    lengths = np.array([ids.shape[0] for ids in frame_ids])
+    def tokenize(frames, actions):
+        ids = _encode_frames(tokenizer, frames, device, frames_per_batch).astype(ids_dtype)
+        return ids, _narrowest_int(actions, ACTION_DTYPES)
+
+    parts, skipped = _tokenize_each(episodes, tokenize, progress)
+    lengths = np.array([ids.shape[0] for ids, _ in parts])
     num_frames = int(lengths.max())
     save_token_cache(
         out_path,
-        np.stack([_pad_frames(ids[None], num_frames)[0] for ids in frame_ids]),
-        np.stack([_pad_frames(actions[None], num_frames)[0] for actions in action_bins]),
+        np.stack([_pad_frames(ids[None], num_frames)[0] for ids, _ in parts]),
+        np.stack([_pad_frames(actions[None], num_frames)[0] for _, actions in parts]),
         episode_lengths=lengths,
         codebook_size=codebook_size,
     )
-    return {"episodes": len(frame_ids), "frames": int(lengths.sum()), "skipped": skipped, "path": str(out_path)}
+    return {"episodes": len(parts), "frames": int(lengths.sum()), "skipped": skipped, "path": str(out_path)}
+
+
+def tokenize_clips(
+    tokenizer: CompressiveTokenizer,
+    episodes: Iterable,
+    out_path: str | Path,
+    *,
+    context_frames: int,
+    predicted_frames: int,
+    frame_skip: int = 1,
+    clip_stride: int = 0,
+    device: str | torch.device | None = None,
+    frames_per_batch: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Cut ``episodes`` into multi-step clips, encode each with a frozen compressive ``tokenizer``, and write a
+    multi-step token cache file: one row per clip (see the module doc for the frame alignment).
+
+    A clip is 1 + C + K frames (C = ``context_frames``, K = ``predicted_frames``) ``frame_skip`` apart; an episode's
+    clips start every ``clip_stride`` frames (0: every ``clip_span`` frames, so that clips do not overlap), and the
+    frames after its last whole clip are left out. ``episodes``, ``device`` as for ``tokenize_episodes``; an episode
+    that is malformed or shorter than a clip is logged, skipped and counted. The cache's frame ids are
+    (clips, C + K, N), its action bins (clips, C + K, A), its context ids (clips, M). Returns {"episodes", "clips",
+    "skipped", "path"}.
+    """
+    if not isinstance(tokenizer, CompressiveTokenizer):
+        raise ValueError(f"tokenizer must be a CompressiveTokenizer, got {type(tokenizer).__name__}")
+    for name, value in (("context_frames", context_frames), ("predicted_frames", predicted_frames),
+                        ("frame_skip", frame_skip)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(clip_stride, bool) or not isinstance(clip_stride, int) or clip_stride < 0:
+        raise ValueError(f"clip_stride must be an int >= 0, got {clip_stride!r}")
+    device = _check_encoding_settings(tokenizer, frames_per_batch, device)
+    ids_dtype = _ids_dtype(tokenizer.codebook_size)
+    clip_frames = 1 + context_frames + predicted_frames
+    stride = clip_stride or clip_span(clip_frames, frame_skip)
+
+    def tokenize(frames, actions):
+        times = clip_times(frames.shape[0], clip_frames, frame_skip, stride)
+        context_ids, frame_ids = encode_clips(tokenizer, frames, times, device, frames_per_batch)
+        # the action after layout frame j is the one taken at that frame: clip frame j + 1's
+        clip_actions = _narrowest_int(actions[times[:, 1:]], ACTION_DTYPES)
+        return context_ids.numpy().astype(ids_dtype), frame_ids.numpy().astype(ids_dtype), clip_actions
+
+    parts, skipped = _tokenize_each(episodes, tokenize, progress)
+    context_ids, frame_ids, action_bins = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+    save_token_cache(out_path, frame_ids, action_bins, context_ids=context_ids,
+                     codebook_size=tokenizer.codebook_size)
+    return {"episodes": len(parts), "clips": int(frame_ids.shape[0]), "skipped": skipped, "path": str(out_path)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -438,9 +561,9 @@ class NextTokenLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-POSITIVE_INT_FIELDS = ("context_frames", "frame_skip", "codebook_size", "action_bins", "steps", "micro_batch_size",
-                       "grad_accum_steps", "log_every", "save_every", "keep_checkpoints")
-NON_NEGATIVE_FIELDS = ("warmup_steps", "weight_decay", "grad_clip", "seed", "stop_at_step")
+POSITIVE_INT_FIELDS = ("context_frames", "predicted_frames", "frame_skip", "codebook_size", "action_bins", "steps",
+                       "micro_batch_size", "grad_accum_steps", "log_every", "save_every", "keep_checkpoints")
+NON_NEGATIVE_FIELDS = ("clip_stride", "warmup_steps", "weight_decay", "grad_clip", "seed", "stop_at_step")
 
 
 @dataclass
@@ -450,11 +573,16 @@ class PretrainConfig(RunConfig):
     data: str = option("", "token cache: an .npz file or a directory of them (format: rlvrw.rl.pretrain's doc)")
     out_dir: str = option("runs/pretrain", "run directory: checkpoints, logs, the final model")
     episodes: str = option("", "instead of --data: a directory of episode .npz files, tokenized first")
-    tokenizer: str = option("", "with --episodes: a FrameTokenizer checkpoint (from `rlvrw tokenizer`)")
+    tokenizer: str = option("", "with --episodes: a FrameTokenizer checkpoint (single-step cache) or a "
+                                 "CompressiveTokenizer one (multi-step clips), from `rlvrw tokenizer`")
     frame_size: tuple[int, int] | None = option(None, "with --episodes: resize frames to H W before tokenizing",
                                        nargs=2, type=int, metavar=("H", "W"))
     context_frames: int = option(4, "frames (with their actions) in the prompt")
+    predicted_frames: int = option(7, "with --episodes and a CompressiveTokenizer: frames predicted per "
+                                      "multi-step clip (RLVR-World: 7)")
     frame_skip: int = option(1, "steps between the frames of a clip")
+    clip_stride: int = option(0, "with --episodes and a CompressiveTokenizer: frames between the starts of an "
+                                 "episode's clips (0: a clip's span, no overlap)")
     codebook_size: int = option(4375, "frame codebook size, when the cache does not store it")
     action_bins: int = option(256, "bins per action dimension")
     model: str = option("small", "model size: 'small' (CPU-sized) or 'base' (the paper's 120M)",
@@ -519,7 +647,8 @@ class PretrainConfig(RunConfig):
         if bool(self.data) == bool(self.episodes):
             raise ValueError("give exactly one of data (a token cache) and episodes (with tokenizer)")
         if self.episodes and not self.tokenizer:
-            raise ValueError("episodes needs tokenizer: the FrameTokenizer checkpoint that codes the frames")
+            raise ValueError("episodes needs tokenizer: the FrameTokenizer or CompressiveTokenizer checkpoint that "
+                             "codes the frames")
         if self.stop_at_step > self.steps:
             raise ValueError(f"stop_at_step ({self.stop_at_step}) must be at most steps ({self.steps})")
 
@@ -657,7 +786,8 @@ def train_step(
 
 def prepare_token_cache(config: PretrainConfig, context: distributed.DistributedContext) -> Path:
     """The token cache to train on: ``config.data``, or ``OUT/tokens.npz`` tokenized from ``config.episodes`` by rank 0
-    (once: an existing one is reused) while the other ranks wait."""
+    (once: an existing one is reused) while the other ranks wait: frame by frame with a ``FrameTokenizer``, as
+    multi-step clips with a ``CompressiveTokenizer``."""
     if config.data:
         return Path(config.data)
     cache_path = Path(config.out_dir) / CACHE_FILE
@@ -666,8 +796,16 @@ def prepare_token_cache(config: PretrainConfig, context: distributed.Distributed
 
         tokenizer = load_tokenizer(config.tokenizer).to(context.device)
         episodes = episode_stream(config.episodes, config.frame_size, action_bins=config.action_bins)
-        summary = tokenize_episodes(tokenizer, episodes, cache_path, progress=config.progress)
-        logger.info("tokenized %(episodes)d episodes (%(frames)d frames, %(skipped)d skipped) into %(path)s", summary)
+        if isinstance(tokenizer, CompressiveTokenizer):
+            summary = tokenize_clips(tokenizer, episodes, cache_path, context_frames=config.context_frames,
+                                     predicted_frames=config.predicted_frames, frame_skip=config.frame_skip,
+                                     clip_stride=config.clip_stride, progress=config.progress)
+            logger.info("tokenized %(clips)d clips of %(episodes)d episodes (%(skipped)d skipped) into %(path)s",
+                        summary)
+        else:
+            summary = tokenize_episodes(tokenizer, episodes, cache_path, progress=config.progress)
+            logger.info("tokenized %(episodes)d episodes (%(frames)d frames, %(skipped)d skipped) into %(path)s",
+                        summary)
     distributed.barrier()
     return cache_path
 
@@ -714,7 +852,9 @@ def _train(config: PretrainConfig, context: distributed.DistributedContext) -> d
     checkpoint_dir = out_dir / "checkpoints"
     cache = load_token_cache(prepare_token_cache(config, context))
     layout = layout_for_cache(cache, config.context_frames, config.codebook_size, config.action_bins)
-    sampler = ClipSampler(cache, layout, config.frame_skip, config.seed)
+    # the clips of a multi-step cache tokenized here were cut with frame_skip already: a row's frames are consecutive
+    row_skip = 1 if config.episodes and cache.context_ids is not None else config.frame_skip
+    sampler = ClipSampler(cache, layout, row_skip, config.seed)
 
     torch.manual_seed(config.seed)
     world_model = build_world_model(config, layout).to(context.device)
