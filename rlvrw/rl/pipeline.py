@@ -21,7 +21,7 @@ a table. An evaluation is reused when its ``eval.json`` was made with the same s
 
 Settings: ``DEFAULT_CONFIG`` (``PipelineConfig``'s defaults: 300 PushT episodes of 32 frames at 32 x 32, each
 target held for 3 simulator steps, 8 x 8 tokens per frame, 1 context frame, a 2.2M-parameter world model, evaluation
-sampled at temperature 1 with top-k 100 as the reference's; about 7.5 minutes on 2 idle CPU cores, plus under a
+sampled at temperature 1 with top-k 100 as the reference's, 120 RL steps; about 10 minutes on 2 idle CPU cores, plus under a
 minute to generate the data the first time), then the preset (``preset=smoke`` or
 ``--quick``: a minute or two, for tests), then the config file (JSON, or YAML when PyYAML is installed), then the
 ``key=value`` arguments (values are read as JSON when they parse, else as strings: ``rl_steps=50``,
@@ -95,7 +95,7 @@ class PipelineConfig:
     pretrain_lr: float = 1e-3
     pretrain_warmup_steps: int = 100
     # RLVR (GRPO); the paper's loss settings stay rlvrw.rl.trainer's defaults
-    rl_steps: int = 40
+    rl_steps: int = 120
     rl_prompts: int = 8
     rl_group_size: int = 8
     rl_lr: float = 5e-5
