@@ -20,9 +20,9 @@ Then ``DIR/eval.json`` (DESIGN.md's contract): ``{"mle": {"mse", "psnr", "ssim",
 a table. An evaluation is reused when its ``eval.json`` was made with the same settings.
 
 Settings: ``DEFAULT_CONFIG`` (``PipelineConfig``'s defaults: 300 PushT episodes of 32 frames at 32 x 32, each
-target held for 3 simulator steps, 8 x 8 tokens per frame, 1 context frame, a 2.2M-parameter world model, evaluation
-sampled at temperature 1 with top-k 100 as the reference's, 120 RL steps; about 10 minutes on 2 idle CPU cores, plus under a
-minute to generate the data the first time), then the preset (``preset=smoke`` or
+target held for 3 simulator steps, 8 x 8 tokens per frame, 1 context frame, a 2.2M-parameter world model, 120 RL
+steps, evaluation sampled at temperature 1 with top-k 100 as the reference's; about 10 minutes on 2 idle CPU cores,
+plus under a minute to generate the data the first time), then the preset (``preset=smoke`` or
 ``--quick``: a minute or two, for tests), then the config file (JSON, or YAML when PyYAML is installed), then the
 ``key=value`` arguments (values are read as JSON when they parse, else as strings: ``rl_steps=50``,
 ``tokenizer_channels=[32,64,64,64]``, ``sim=pusht``). The resolved settings are written to ``DIR/config.json``.
@@ -303,7 +303,8 @@ def eval_stage(config: PipelineConfig, model_dir: Path, episodes: Path, tokenize
     eval_config = EvalConfig(
         model=str(model_dir), tokenizer=str(tokenizer), episodes=str(episodes), out_dir=str(out_dir),
         context_frames=config.context_frames, clip_stride=config.eval_clip_stride, max_clips=config.eval_max_clips,
-        group_size=config.eval_group_size, top_k=config.eval_top_k, lpips_net=config.eval_lpips_net, lpips_weights=config.lpips_weights,
+        group_size=config.eval_group_size, top_k=config.eval_top_k, lpips_net=config.eval_lpips_net,
+        lpips_weights=config.lpips_weights,
         strip_clips=config.eval_strip_clips, seed=config.seed, device=config.device)
     previous = out_dir / RESULT_FILE
     if previous.is_file():
