@@ -64,6 +64,13 @@ def positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def integer(name: str, value, low: int = 1) -> None:
+    """``value`` must be an int (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        expected = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
 def no_unknown_options(function: str, unknown: dict, known) -> None:
     for key in unknown:
         close = difflib.get_close_matches(key, list(known), n=1)

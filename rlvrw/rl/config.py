@@ -1,8 +1,8 @@
 """Run settings as dataclasses whose fields are also command-line flags; shared by ``rlvrw pretrain`` and ``rlvrw rl``.
 
 A config class is a dataclass deriving from ``RunConfig`` that declares each field with
-``option(default, help, **argparse_kwargs)`` (and optionally has ``check_inputs``). ``add_arguments`` gives it ``--config FILE`` (JSON) plus one flag per
-field; flags override the file. ``config_command`` makes a whole subcommand of it.
+``option(default, help, **argparse_kwargs)`` (and optionally has ``check_inputs``). ``add_arguments`` gives it
+``--config FILE`` (JSON) plus one flag per field; flags override the file. ``config_command`` makes a whole subcommand of it.
 """
 
 from __future__ import annotations

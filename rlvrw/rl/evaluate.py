@@ -53,6 +53,7 @@ from rlvrw.data.sequences import SequenceLayout
 from rlvrw.eval import metrics
 from rlvrw.models.tokenizer import CompressiveTokenizer
 from rlvrw.models.transformer import WorldModelTransformer
+from rlvrw.ops import _checks
 from rlvrw.rl.config import RunConfig, config_command, option
 from rlvrw.rl.pretrain import clip_span, clip_times, encode_clips, episode_stream
 from rlvrw.rl.rollout import GroupSampler
@@ -103,13 +104,9 @@ class EvalConfig(RunConfig):
     def __post_init__(self):
         for name in ("context_frames", "predicted_frames", "frame_skip", "clip_stride", "action_bins", "group_size",
                      "prompts_per_batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _checks.integer(name, getattr(self, name))
         for name in ("max_clips", "top_k", "strip_clips", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            _checks.integer(name, getattr(self, name), low=0)
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not self.temperature > 0:
             raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}")

@@ -322,8 +322,7 @@ def encode_clips(tokenizer: CompressiveTokenizer, frames: torch.Tensor, times: n
 
 def _check_encoding_settings(tokenizer, frames_per_batch, device) -> torch.device:
     """``frames_per_batch`` checked; the device the encoder runs on (default: the tokenizer's parameters')."""
-    if isinstance(frames_per_batch, bool) or not isinstance(frames_per_batch, int) or frames_per_batch < 1:
-        raise ValueError(f"frames_per_batch must be a positive int, got {frames_per_batch!r}")
+    _checks.integer("frames_per_batch", frames_per_batch)
     if device is None:
         parameter = next(iter(tokenizer.parameters()), None) if isinstance(tokenizer, nn.Module) else None
         device = parameter.device if parameter is not None else torch.device("cpu")
@@ -435,10 +434,8 @@ def tokenize_clips(
         raise ValueError(f"tokenizer must be a CompressiveTokenizer, got {type(tokenizer).__name__}")
     for name, value in (("context_frames", context_frames), ("predicted_frames", predicted_frames),
                         ("frame_skip", frame_skip)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(clip_stride, bool) or not isinstance(clip_stride, int) or clip_stride < 0:
-        raise ValueError(f"clip_stride must be an int >= 0, got {clip_stride!r}")
+        _checks.integer(name, value)
+    _checks.integer("clip_stride", clip_stride, low=0)
     device = _check_encoding_settings(tokenizer, frames_per_batch, device)
     ids_dtype = _ids_dtype(tokenizer.codebook_size)
     clip_frames = 1 + context_frames + predicted_frames
@@ -620,9 +617,7 @@ class PretrainConfig(RunConfig):
             self.frame_size = tuple(self.frame_size)
         self.betas = tuple(self.betas)
         for name in POSITIVE_INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _checks.integer(name, getattr(self, name))
         for name in NON_NEGATIVE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:

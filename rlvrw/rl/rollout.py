@@ -41,6 +41,7 @@ import torch
 
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models.transformer import WorldModelTransformer
+from rlvrw.ops import _checks
 
 MASK32 = 0xFFFFFFFF
 # Mueller's 32-bit hash multiplier. It is below 2**27, so a product with a 32-bit value fits in int64 without wrapping.
@@ -141,8 +142,7 @@ class GroupSampler:
         if not isinstance(layout, SequenceLayout):
             raise ValueError(f"layout must be a SequenceLayout, got {type(layout).__name__}")
         for name, value in (("group_size", group_size), ("max_prompts", max_prompts)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _checks.integer(name, value)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -261,7 +261,6 @@ class GroupSampler:
             raise ValueError("prompts must hold at least one prompt")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MASK32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-        if isinstance(first_row, bool) or not isinstance(first_row, int) or first_row < 0:
-            raise ValueError(f"first_row must be an int >= 0, got {first_row!r}")
+        _checks.integer("first_row", first_row, low=0)
         if first_row + prompts.shape[0] * self.group_size > MASK32:
             raise ValueError(f"first_row + rows must stay below 2**32 (the noise's row counter), got {first_row}")

@@ -61,6 +61,7 @@ from torch.func import functional_call
 import rlvrw.ops as ops
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
+from rlvrw.ops import _checks
 from rlvrw.reference.grpo import ADVANTAGE_SCALES, KL_TYPES, LOSS_AGGS
 from rlvrw.rl import checkpoint, distributed
 from rlvrw.rl.config import RunConfig, config_command, option, print_summary
@@ -164,13 +165,9 @@ class RLConfig(RunConfig):
         for name in ("context_frames", "frame_skip", "codebook_size", "action_bins", "steps", "prompts_per_step",
                      "group_size", "rollout_prompts", "micro_batch_size", "log_every", "save_every",
                      "keep_checkpoints"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _checks.integer(name, getattr(self, name))
         for name in ("top_k", "warmup_steps", "seed", "stop_at_step"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            _checks.integer(name, getattr(self, name), low=0)
         for name in ("weight_decay", "grad_clip", "dual_clip", "kl_coef", "adv_eps", "l1_weight", "lpips_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -572,8 +569,8 @@ def _train(config: RLConfig, context: distributed.DistributedContext) -> dict:
     tokenizer = load_tokenizer(config.tokenizer, map_location=device).requires_grad_(False)
     trainer = GRPOTrainer(config, policy, layout, tokenizer, load_lpips(config, device), context)
 
-    start_step, found = checkpoint.start_or_resume(checkpoint_dir, out_dir, config, policy, trainer.optimizer, trainer.scheduler,
-                                                   context.is_main)
+    start_step, found = checkpoint.start_or_resume(checkpoint_dir, out_dir, config, policy, trainer.optimizer,
+                                                   trainer.scheduler, context.is_main)
     end_step = config.stop_at_step or config.steps
 
     local_prompts = config.prompts_per_step // context.world_size
