@@ -372,6 +372,76 @@ def test_overfits_a_handful_of_real_frames():
     assert result["psnr"] > result["blur_psnr"] + 5.0, result
 
 
+@needs(BAIR)
+def test_compressive_tokenizer_learns_real_clips():
+    """A small compressive tokenizer trained on clips of 8 real BAIR frames (context first) codes each future frame in
+    2x2 ids far better than the blur that keeps one number per id, and no worse than copying the context frame."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        frames = load_frames(BAIR, size=(32, 32))[:8]
+        clips = torch.arange(8)[None]  # one clip: frame 0 is the context, frames 1..7 are coded against it
+        model = CompressiveTokenizer(frame_size=(32, 32), channels=(16, 32, 32), layers_per_block=1, num_groups=8,
+                                     latent_channels=16, patch_size=4, attention_max_side=8)
+        config = TrainConfig(steps=200, batch_size=2, lr=3e-3, warmup_steps=20, future_frames=3, log_every=200)
+        history = train_tokenizer(model, frames, config, log=None, clips=clips)
+        result = evaluate(model, frames, clips)
+    finally:
+        torch.set_num_threads(threads)
+    assert history[-1]["seconds"] < 60
+    assert result["clips"] == 1
+    assert result["psnr"] > result["blur_psnr"] + 5.0, result
+    assert result["psnr"] > result["copy_context_psnr"], result
+    assert result["context_psnr"] > result["blur_psnr"], result
+
+
+def test_compressive_batches_are_a_clips_context_then_distinct_future_frames():
+    """Frames whose colour is their index: every group of 1 + future_frames frames the loss sees is a clip's context
+    frame followed by distinct future frames of that same clip."""
+    frames = torch.arange(12, dtype=torch.uint8)[:, None, None, None].expand(12, 3, 8, 8).contiguous()
+    clips = torch.stack([torch.arange(0, 6), torch.arange(6, 12)])
+    seen = []
+
+    def perceptual(pred, target):
+        seen.append(((target[:, 0, 0, 0] + 1) / 2 * 255).round().long())
+        return (pred - target).abs().flatten(1).mean(1)
+
+    model = CompressiveTokenizer(frame_size=(8, 8), channels=(8, 8), layers_per_block=1, num_groups=4,
+                                 latent_channels=4, patch_size=2, attention_max_side=4)
+    train_tokenizer(model, frames, TrainConfig(steps=5, batch_size=3, future_frames=2, warmup_steps=1), perceptual,
+                    log=None, clips=clips)
+    assert len(seen) == 5
+    for step in seen:
+        for group in step.view(3, 3).tolist():
+            context, future = group[0], group[1:]
+            assert context in (0, 6) and len(set(future)) == 2
+            assert all(context < f < context + 6 for f in future), group
+
+
+def test_compressive_training_bad_inputs():
+    frames = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
+    model = CompressiveTokenizer(frame_size=(8, 8), channels=(8, 8), layers_per_block=1, num_groups=4,
+                                 latent_channels=4, patch_size=2, attention_max_side=4)
+    clips = torch.arange(6)[None]
+    with pytest.raises(ValueError, match="clips must be given for a CompressiveTokenizer"):
+        train_tokenizer(model, frames, TrainConfig(steps=1), log=None)
+    with pytest.raises(ValueError, match="clips must be given for a CompressiveTokenizer, and only for it"):
+        train_tokenizer(FrameTokenizer(channels=(8, 8), layers_per_block=1, num_groups=4, latent_channels=4), frames,
+                        TrainConfig(steps=1), log=None, clips=clips)
+    with pytest.raises(ValueError, match=r"clips must index frames' 6 frames, got indices in \[1, 6\]"):
+        train_tokenizer(model, frames, TrainConfig(steps=1), log=None, clips=clips + 1)
+    with pytest.raises(ValueError, match="clips must be int64"):
+        train_tokenizer(model, frames, TrainConfig(steps=1), log=None, clips=clips[:, :1])
+    with pytest.raises(ValueError, match=r"future_frames \(6\) must be at most the clips' 5 future frames"):
+        train_tokenizer(model, frames, TrainConfig(steps=1, future_frames=6), log=None, clips=clips)
+    with pytest.raises(ValueError, match="consistency_weight must be 0 for a CompressiveTokenizer"):
+        train_tokenizer(model, frames, TrainConfig(steps=1, batch_size=2, consistency_weight=1.0), log=None,
+                        clips=clips)
+    with pytest.raises(ValueError, match="future_frames must be non-negative"):
+        TrainConfig(future_frames=-1)
+
+
 def test_the_loss_sees_the_clamped_frame_where_the_clamp_is_right():
     """Overshooting a target at 0 or 1 is free (the decoded frame is clamped); overshooting anything else is not."""
     target = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0, 1.0])

@@ -1,10 +1,13 @@
-"""Training a ``FrameTokenizer`` on frames, and the ``rlvrw tokenizer`` command.
+"""Training a ``FrameTokenizer`` on frames or a ``CompressiveTokenizer`` on clips, and the ``rlvrw tokenizer`` command.
 
 The loss is the reference's: L1 on pixels + a perceptual loss (LPIPS) + optionally a patch-GAN generator loss that
 starts after ``gan_start`` steps (hinge loss; the discriminator trains from that step on), all on the reconstruction
 as it is seen: clamped to [0, 1] where the target pixel sits at that bound (``clamp_where_saturated``). With
 ``consistency_weight`` > 0, batches are pairs of consecutive frames and a code-consistency term
-(``unstable_code_loss``) asks for the same id wherever a patch did not change. AdamW with linear warmup
+(``unstable_code_loss``) asks for the same id wherever a patch did not change. A ``CompressiveTokenizer`` trains on
+clips (context frame first) with the same loss on the context frame's and the future frames' reconstructions; its
+future frames are coded independently given the context, so a step may use a random ``future_frames`` of each clip's
+frames, which costs less and sees more clips. AdamW with linear warmup
 and a cosine decay to ``min_lr_ratio`` of the peak; bfloat16 autocast on a GPU. The perceptual loss is any callable
 ``perceptual(pred, target)`` on frames in [-1, 1] (LPIPS's convention) returning per-frame or mean distances;
 ``lpips_loss`` builds rlvrw's LPIPS and falls back to L1 alone, saying why, when it or its weights are missing.
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlvrw.models.checkpoints import safetensors_available, save_tokenizer
-from rlvrw.models.tokenizer import FrameTokenizer
+from rlvrw.models.tokenizer import CompressiveTokenizer, FrameTokenizer
 
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,6 +53,7 @@ class TrainConfig:
     perceptual_weight: float = 1.0
     gan_weight: float = 0.0  # 0: no discriminator at all
     consistency_weight: float = 0.0  # 0: the reference's loss, frames drawn independently
+    future_frames: int = 0  # CompressiveTokenizer: future frames of each clip per step, drawn at random; 0: all
     gan_start: int = 1000
     seed: int = 0
     log_every: int = 100
@@ -58,6 +62,8 @@ class TrainConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.future_frames < 0:
+            raise ValueError(f"future_frames must be non-negative, got {self.future_frames}")
         for name in ("lr", "weight_decay", "grad_clip", "l1_weight", "perceptual_weight", "gan_weight",
                      "consistency_weight"):
             if getattr(self, name) < 0:
@@ -124,16 +130,40 @@ def reconstruct(model: FrameTokenizer, frames: torch.Tensor, batch_size: int = 1
     return torch.cat(out)
 
 
-def evaluate(model: FrameTokenizer, frames: torch.Tensor) -> dict:
-    """Mean PSNR (dB) of the round trip through ids and of the blur baseline, on uint8 frames."""
+def evaluate(model: FrameTokenizer | CompressiveTokenizer, frames: torch.Tensor,
+             clips: torch.Tensor | None = None) -> dict:
+    """Mean PSNR (dB) of the round trip through ids and of the blur baseline, on uint8 frames (N, 3, H, W).
+
+    A ``CompressiveTokenizer`` is scored on ``clips`` (n, 1 + F) indices into ``frames``: ``psnr`` and
+    ``blur_psnr`` over the future frames (the blur keeps one number per future id: blocks of (downsampling x
+    patch_size)^2 pixels), ``context_psnr`` of the context frame, and ``copy_context_psnr``, the context frame's
+    pixels taken for every future frame."""
     was_training = model.training
     model.eval()
-    recon = reconstruct(model, frames)
+    device = next(model.parameters()).device
+    if clips is None:
+        recon = reconstruct(model, frames)
+        target = to_unit(frames.to(recon.device))
+        quality = {"psnr": psnr(recon, target).mean().item(),
+                   "blur_psnr": psnr(blur_baseline(target, model.downsample_factor), target).mean().item(),
+                   "frames": int(frames.shape[0])}
+    else:
+        scores = {"psnr": [], "blur_psnr": [], "context_psnr": [], "copy_context_psnr": []}
+        factor = model.frame_size[0] // model.context_grid[0] * model.patch_size
+        with torch.no_grad():
+            for start in range(0, clips.shape[0], 16):
+                clip = to_unit(frames[clips[start:start + 16]].to(device))
+                context, future = clip[:, 0], clip[:, 1:]
+                context_recon, future_recon = model.decode(*model.encode(context, future))
+                truth = future.flatten(0, 1)
+                scores["psnr"].append(psnr(future_recon.flatten(0, 1), truth))
+                scores["blur_psnr"].append(psnr(blur_baseline(truth, factor), truth))
+                scores["context_psnr"].append(psnr(context_recon, context))
+                scores["copy_context_psnr"].append(psnr(context[:, None].expand_as(future).flatten(0, 1), truth))
+        quality = {name: torch.cat(values).mean().item() for name, values in scores.items()}
+        quality["clips"] = int(clips.shape[0])
     model.train(was_training)
-    target = to_unit(frames.to(recon.device))
-    return {"psnr": psnr(recon, target).mean().item(),
-            "blur_psnr": psnr(blur_baseline(target, model.downsample_factor), target).mean().item(),
-            "frames": int(frames.shape[0])}
+    return quality
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -219,13 +249,30 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def train_tokenizer(model: FrameTokenizer, frames: torch.Tensor, config: TrainConfig | None = None,
-                    perceptual: Perceptual | None = None, log: Callable[[str], None] | None = print) -> list[dict]:
-    """Train ``model`` in place on uint8 frames (N, 3, H, W) (kept on the host, batches moved to the model's device).
-    Returns the logged history (step, lr, losses, seconds)."""
+def train_tokenizer(model: FrameTokenizer | CompressiveTokenizer, frames: torch.Tensor,
+                    config: TrainConfig | None = None, perceptual: Perceptual | None = None,
+                    log: Callable[[str], None] | None = print, clips: torch.Tensor | None = None) -> list[dict]:
+    """Train ``model`` in place on uint8 ``frames`` (N, 3, H, W) (kept on the host, batches moved to the model's
+    device). A ``CompressiveTokenizer`` needs ``clips``: (n, 1 + F) indices into ``frames``, the context frame first
+    (``rlvrw.rl.pretrain.clip_times`` cuts them per episode). Returns the logged history (step, lr, losses,
+    seconds)."""
     config = config or TrainConfig()
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must be uint8 (N, 3, H, W), got {frames.dtype} {tuple(frames.shape)}")
+    compressive = isinstance(model, CompressiveTokenizer)
+    if compressive != (clips is not None):
+        raise ValueError("clips must be given for a CompressiveTokenizer, and only for it")
+    if compressive:
+        if clips.dim() != 2 or clips.shape[1] < 2 or clips.shape[0] < 1 or clips.dtype != torch.int64:
+            raise ValueError(f"clips must be int64 (n >= 1, 1 + F >= 2), got {clips.dtype} {tuple(clips.shape)}")
+        if clips.min() < 0 or clips.max() >= frames.shape[0]:
+            raise ValueError(f"clips must index frames' {frames.shape[0]} frames, got indices in "
+                             f"[{int(clips.min())}, {int(clips.max())}]")
+        if config.consistency_weight > 0:
+            raise ValueError("consistency_weight must be 0 for a CompressiveTokenizer (its future ids are per clip)")
+        if config.future_frames > clips.shape[1] - 1:
+            raise ValueError(f"future_frames ({config.future_frames}) must be at most the clips' "
+                             f"{clips.shape[1] - 1} future frames")
     if config.consistency_weight > 0 and frames.shape[0] < 2:
         raise ValueError("frames must hold at least 2 frames when consistency_weight > 0 (pairs of frames)")
     device = next(model.parameters()).device
@@ -246,6 +293,11 @@ def train_tokenizer(model: FrameTokenizer, frames: torch.Tensor, config: TrainCo
         if config.consistency_weight > 0:  # pairs (i, i + 1); a pair across two episodes has few patches in common
             first = torch.randint(0, frames.shape[0] - 1, (config.batch_size // 2,), generator=generator)
             index = torch.cat([first, first + 1])
+        elif compressive:
+            index = clips[torch.randint(0, clips.shape[0], (config.batch_size,), generator=generator)]
+            if config.future_frames:  # per clip, its context frame and future_frames of its future frames
+                picked = torch.rand(index.shape, generator=generator)[:, 1:].argsort(1)[:, :config.future_frames]
+                index = torch.cat([index[:, :1], index[:, 1:].gather(1, picked)], 1)
         else:
             index = torch.randint(0, frames.shape[0], (config.batch_size,), generator=generator)
         batch = to_unit(frames[index].to(device, non_blocking=True))
@@ -254,7 +306,11 @@ def train_tokenizer(model: FrameTokenizer, frames: torch.Tensor, config: TrainCo
         for group in optimizer.param_groups + (disc_optimizer.param_groups if use_gan else []):
             group["lr"] = lr
         with torch.autocast(**autocast):
-            recon, _, codes = model(batch, return_codes=True)
+            if compressive:
+                context, future = model(batch[:, 0], batch[:, 1:])
+                recon, batch = torch.cat([context[:, None], future], 1).flatten(0, 1), batch.flatten(0, 1)
+            else:
+                recon, _, codes = model(batch, return_codes=True)
             recon = clamp_where_saturated(recon.float(), batch)
             l1 = (recon - batch).abs().mean()
             loss = config.l1_weight * l1
