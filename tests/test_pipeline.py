@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from rlvrw.models import CompressiveTokenizer, checkpoints
 from rlvrw.rl.pipeline import DEFAULT_CONFIG, PRESETS, main, parse_overrides, resolve_config
 
 DESIGN_KEYS = {"mse", "psnr", "ssim", "lpips", "repetition_rate"}
@@ -19,6 +20,12 @@ def test_settings_layer_defaults_preset_file_then_overrides(tmp_path):
     config = resolve_config(json.loads(json_file.read_text()), parse_overrides(["rl_steps=7", "sim=pusht"]))
     assert (config.preset, config.rl_steps, config.seed, config.sim) == ("smoke", 7, 3, "pusht")
     assert config.pretrain_steps == PRESETS["smoke"]["pretrain_steps"]
+
+
+def test_multistep_preset_is_compressive_with_its_clip():
+    config = resolve_config(overrides={"preset": "multistep"})
+    assert config.multi_step and config.token_grid == (16, 16) and config.clip_frames == 1 + 1 + 3
+    assert not resolve_config().multi_step and resolve_config().clip_frames == 2
 
 
 def test_yaml_config_file(tmp_path):
@@ -48,6 +55,12 @@ def test_override_values_are_json_where_they_parse():
     ({"tokenizer_consistency": -0.5}, "tokenizer_consistency"),
     ({"eval_top_k": -1}, "eval_top_k"),
     ({"sim_action_repeat": -2}, "sim_action_repeat"),
+    ({"tokenizer_kind": "vqgan"}, "tokenizer_kind must be one of"),
+    ({"tokenizer_kind": "compressive", "tokenizer_patch_size": 3}, r"tokenizer_patch_size \(3\) must divide"),
+    ({"tokenizer_kind": "compressive", "predicted_frames": 1, "tokenizer_future_frames": 3},
+     r"tokenizer_future_frames \(3\) must be at most a clip's 2"),
+    ({"tokenizer_kind": "compressive", "sim_frames": 8}, r"sim_frames \(8\) must hold a clip of 9 frames"),
+    ({"predicted_frames": 0}, "predicted_frames"),
 ])
 def test_bad_settings_raise_value_errors_naming_them(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -83,3 +96,23 @@ def test_smoke_preset_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys
     printed = capsys.readouterr().out
     assert "tokenizer: reusing" in printed and printed.count("eval: reusing") == 2
     assert json.loads((run_dir / "eval.json").read_text())["mle"] == result["mle"]
+
+
+def test_compressive_smoke_run_is_multi_step_and_reports_the_next_frame(tmp_path, monkeypatch, capsys):
+    """tokenizer_kind=compressive: a CompressiveTokenizer trained on clips, multi-step pre-training, RL and evaluation;
+    eval.json's next_frame rows are the first horizon of the evaluation's per-step means."""
+    pytest.importorskip("gym_pusht")
+    monkeypatch.setenv("RLVRW_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    assert main(["--run-dir", str(run_dir), "--quick", "lpips_weights=random", "progress=false",
+                 "tokenizer_kind=compressive", "tokenizer_patch_size=2", "predicted_frames=2"]) == 0
+    result = json.loads((run_dir / "eval.json").read_text())
+    mle = json.loads((run_dir / "eval_mle" / "eval.json").read_text())
+    assert len(mle["model"]["per_step"]["lpips"]) == 2
+    assert result["next_frame"]["mle"]["lpips"] == mle["model"]["per_step"]["lpips"][0]
+    assert result["next_frame"]["copy_last"]["mse"] == mle["copy_last"]["per_step"]["mse"][0]
+    assert set(result["next_frame"]) == {"copy_last", "copy_last_tokens", "tokenizer", "mle", "rlvr"}
+    tokenizer = checkpoints.load_tokenizer(run_dir / "tokenizer.safetensors")
+    assert isinstance(tokenizer, CompressiveTokenizer)
+    assert (tokenizer.context_grid, tokenizer.future_grid) == ((4, 4), (2, 2))
+    assert "the first predicted frame alone" in capsys.readouterr().out

@@ -7,7 +7,9 @@ Stages, each a call into the module that owns it, each reusing what an earlier r
 1. data: simulator episodes (``rlvrw.data.sim.generate``; cached by its settings in rlvrw's cache directory, so
    runs share them), or the episode directory ``episodes_dir``.
 2. tokenizer: a per-frame CNN-FSQ tokenizer trained on the training split's frames (``train_tokenizer``, L1 +
-   LPIPS) -> ``DIR/tokenizer.safetensors`` (skipped when that file exists).
+   LPIPS) -> ``DIR/tokenizer.safetensors`` (skipped when that file exists). With ``tokenizer_kind=compressive``,
+   iVideoGPT's ``CompressiveTokenizer`` trained on the training split's clips instead, and every later stage is
+   multi-step: ``predicted_frames`` frames predicted per clip after the context frame and C prompt frames.
 3. pretrain: the training split tokenized once, then MLE pre-training of the world model (``rlvrw.rl.pretrain``)
    -> ``DIR/pretrain/model`` (resumes from ``DIR/pretrain/checkpoints``).
 4. eval (MLE): next-frame metrics on the held-out episodes (``rlvrw.rl.evaluate``) -> ``DIR/eval_mle/``.
@@ -16,8 +18,10 @@ Stages, each a call into the module that owns it, each reusing what an earlier r
 
 Then ``DIR/eval.json`` (DESIGN.md's contract): ``{"mle": {"mse", "psnr", "ssim", "lpips", "repetition_rate", "l1"},
 "rlvr": {same}, "baselines": {"copy_last", "copy_last_tokens", "tokenizer"}, "best_of_n": {"mle", "rlvr"},
-"mean_of_n": {"mle", "rlvr"}, "stage_seconds", "config"}`` (rows as ``rlvrw.rl.evaluate`` defines them), printed as
-a table. An evaluation is reused when its ``eval.json`` was made with the same settings.
+"mean_of_n": {"mle", "rlvr"}, "next_frame", "stage_seconds", "config"}`` (rows as ``rlvrw.rl.evaluate`` defines them;
+multi-step rows are means over the predicted frames, and ``next_frame`` holds the baselines', MLE's and RLVR's
+metrics at the first predicted frame alone, empty single-step), printed as a table. An evaluation is reused when
+its ``eval.json`` was made with the same settings.
 
 Settings: ``DEFAULT_CONFIG`` (``PipelineConfig``'s defaults: 300 PushT episodes of 32 frames at 32 x 32, each
 target held for 3 simulator steps, 8 x 8 tokens per frame, 1 context frame, a 2.2M-parameter world model, 120 RL
@@ -55,8 +59,14 @@ PRESETS = {
                                    "num_attention_heads": 2},
                   pretrain_steps=4, pretrain_batch_size=4, rl_steps=2, rl_prompts=2, rl_group_size=2,
                   rl_lpips_net="alex", eval_group_size=2, eval_lpips_net="alex", eval_strip_clips=1),
+    # multi-step, the paper's RT-1 setting at CPU size: a compressive tokenizer (16 x 16 ids for the context frame, 8 x
+    # 8 for each future frame: with 4 x 4, no future frame reconstructs better than copying the last frame), 3 frames
+    # predicted per clip; about 30 minutes on 2 CPU cores before RL
+    "multistep": dict(tokenizer_kind="compressive", tokenizer_channels=[32, 64], tokenizer_patch_size=2,
+                      tokenizer_steps=1200, predicted_frames=3),
 }
 LPIPS_CHOICES = ("vgg", "alex", "squeeze")
+TOKENIZER_KINDS = ("frame", "compressive")
 STAGES = ("data", "tokenizer", "pretrain", "eval_mle", "rl", "eval_rlvr")
 
 
@@ -86,6 +96,12 @@ class PipelineConfig:
     tokenizer_lr: float = 2e-3
     tokenizer_lpips: str = "alex"  # perceptual loss network, or "none"
     tokenizer_consistency: float = 0.3  # weight of the same-id-where-nothing-changed term (tokenizer_train)
+    # "frame": a FrameTokenizer, single-step prediction of the next frame; "compressive": a CompressiveTokenizer
+    # (iVideoGPT's: fine ids for a context frame, a few ids per future frame decoded against it), multi-step
+    tokenizer_kind: str = "frame"
+    tokenizer_patch_size: int = 4  # compressive: one future-frame id per patch_size^2 context ids
+    tokenizer_future_frames: int = 2  # compressive: future frames of each clip per training step (tokenizer_train)
+    predicted_frames: int = 7  # compressive: frames predicted per clip (K)
     # world model and MLE pre-training
     context_frames: int = 1  # the paper's 4 would quadruple the prompt, and CPU time, for a small model
     # WorldModelConfig fields over WorldModelConfig.small's (4 layers, hidden 256): half its width, a quarter its cost
@@ -128,10 +144,12 @@ class PipelineConfig:
         for name in ("sim_episodes", "sim_frames", "frame_size", "data_workers", "tokenizer_layers_per_block",
                      "tokenizer_latent_channels", "tokenizer_num_groups", "tokenizer_steps", "tokenizer_batch_size",
                      "context_frames", "pretrain_steps", "pretrain_batch_size", "rl_steps", "rl_prompts",
-                     "rl_group_size", "eval_group_size", "eval_clip_stride"):
+                     "rl_group_size", "eval_group_size", "eval_clip_stride", "tokenizer_patch_size",
+                     "predicted_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("sim_action_repeat", "data_seed", "tokenizer_consistency", "pretrain_warmup_steps", "eval_top_k",
+        for name in ("sim_action_repeat", "data_seed", "tokenizer_consistency", "tokenizer_future_frames",
+                     "pretrain_warmup_steps", "eval_top_k",
                      "eval_max_clips", "eval_strip_clips", "seed", "rl_kl_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -139,6 +157,7 @@ class PipelineConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name, choices in (("tokenizer_lpips", (*LPIPS_CHOICES, "none")), ("rl_lpips_net", LPIPS_CHOICES),
+                              ("tokenizer_kind", TOKENIZER_KINDS),
                               ("eval_lpips_net", LPIPS_CHOICES), ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
@@ -148,12 +167,28 @@ class PipelineConfig:
         if self.frame_size % factor:
             raise ValueError(f"frame_size ({self.frame_size}) must be divisible by the tokenizer's downsampling "
                              f"{factor} (2 ** (len(tokenizer_channels) - 1))")
-        if not self.episodes_dir and self.sim_frames < self.context_frames + 1:
-            raise ValueError(f"sim_frames ({self.sim_frames}) must hold a clip of context_frames + 1 = "
-                             f"{self.context_frames + 1} frames")
+        if self.multi_step:
+            if self.token_grid[0] % self.tokenizer_patch_size:
+                raise ValueError(f"tokenizer_patch_size ({self.tokenizer_patch_size}) must divide the context grid's "
+                                 f"side {self.token_grid[0]} (frame_size / 2 ** (len(tokenizer_channels) - 1))")
+            if self.tokenizer_future_frames > self.clip_frames - 1:
+                raise ValueError(f"tokenizer_future_frames ({self.tokenizer_future_frames}) must be at most a clip's "
+                                 f"{self.clip_frames - 1} future frames")
+        if not self.episodes_dir and self.sim_frames < self.clip_frames:
+            raise ValueError(f"sim_frames ({self.sim_frames}) must hold a clip of {self.clip_frames} frames")
+
+    @property
+    def multi_step(self) -> bool:
+        return self.tokenizer_kind == "compressive"
+
+    @property
+    def clip_frames(self) -> int:
+        """Frames per clip: C + 1 single-step; the compressive context frame, C and K multi-step."""
+        return 1 + self.context_frames + self.predicted_frames if self.multi_step else self.context_frames + 1
 
     @property
     def token_grid(self) -> tuple[int, int]:
+        """A frame's ids (single-step), the context frame's (multi-step)."""
         side = self.frame_size // 2 ** (len(self.tokenizer_channels) - 1)
         return side, side
 
@@ -232,11 +267,28 @@ def prepare_data(config: PipelineConfig) -> Path:
                     config.data_workers, action_repeat=config.sim_action_repeat or None, progress=config.progress)
 
 
+def training_clips(config: PipelineConfig, episodes: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training split's frames (N, 3, H, W) uint8 and every clip of ``clip_frames`` consecutive frames of each
+    episode as indices into them (n, clip_frames): a compressive tokenizer's training data."""
+    from rlvrw.rl.pretrain import clip_times, episode_stream
+
+    frames, clips, count = [], [], 0
+    for episode, _ in episode_stream(episodes, (config.frame_size, config.frame_size), "train"):
+        if len(episode) >= config.clip_frames:  # shorter episodes give no clip; pretrain skips and counts them
+            clips.append(torch.from_numpy(clip_times(len(episode), config.clip_frames)) + count)
+            frames.append(episode.permute(0, 3, 1, 2))
+            count += len(episode)
+    if not clips:
+        raise ValueError(f"no training episode under {episodes} holds a clip of {config.clip_frames} frames")
+    return torch.cat(frames), torch.cat(clips)
+
+
 def train_tokenizer_stage(config: PipelineConfig, episodes: Path, run_dir: Path, device: torch.device) -> Path:
-    """``DIR/tokenizer.safetensors``, trained on the training split's frames unless it is there already."""
+    """``DIR/tokenizer.safetensors``, trained on the training split's frames (a ``FrameTokenizer``) or clips (a
+    ``CompressiveTokenizer``) unless it is there already."""
     from rlvrw.data.sim import export_frames
     from rlvrw.models.checkpoints import save_tokenizer
-    from rlvrw.models.tokenizer import FrameTokenizer
+    from rlvrw.models.tokenizer import CompressiveTokenizer, FrameTokenizer
     from rlvrw.models.tokenizer_train import TrainConfig, evaluate as tokenizer_psnr, load_frames, lpips_loss, \
         train_tokenizer
 
@@ -244,26 +296,40 @@ def train_tokenizer_stage(config: PipelineConfig, episodes: Path, run_dir: Path,
     if path.is_file():
         print(f"tokenizer: reusing {path}")
         return path
-    frames_file = run_dir / "frames_train.npz"
-    export_frames(episodes, frames_file, "train")
-    frames = load_frames(frames_file, (config.frame_size, config.frame_size))
+    architecture = dict(channels=config.tokenizer_channels, layers_per_block=config.tokenizer_layers_per_block,
+                        latent_channels=config.tokenizer_latent_channels, levels=config.tokenizer_levels,
+                        num_groups=config.tokenizer_num_groups)
     torch.manual_seed(config.seed)
-    model = FrameTokenizer(channels=config.tokenizer_channels, layers_per_block=config.tokenizer_layers_per_block,
-                           latent_channels=config.tokenizer_latent_channels, levels=config.tokenizer_levels,
-                           num_groups=config.tokenizer_num_groups).to(device)
+    if config.multi_step:
+        frames, clips = training_clips(config, episodes)
+        # cross-attention to the context frame at the latent grid's resolution, as the reference's 32 x 40 stages
+        model = CompressiveTokenizer(frame_size=(config.frame_size, config.frame_size),
+                                     patch_size=config.tokenizer_patch_size, attention_max_side=config.token_grid[0],
+                                     **architecture).to(device)
+        data = f"{len(clips)} clips of {config.clip_frames} frames"
+        grids = f"{config.token_grid[0]}x{config.token_grid[1]} context ids, " \
+                f"{model.future_grid[0]}x{model.future_grid[1]} per future frame"
+    else:
+        frames_file = run_dir / "frames_train.npz"
+        export_frames(episodes, frames_file, "train")
+        frames, clips = load_frames(frames_file, (config.frame_size, config.frame_size)), None
+        frames_file.unlink()
+        model = FrameTokenizer(**architecture).to(device)
+        data, grids = f"{len(frames)} frames", f"{config.token_grid[0]}x{config.token_grid[1]} ids"
     train_config = TrainConfig(steps=config.tokenizer_steps, batch_size=config.tokenizer_batch_size,
-                               lr=config.tokenizer_lr, consistency_weight=config.tokenizer_consistency,
-                               warmup_steps=min(100, config.tokenizer_steps // 10),
+                               lr=config.tokenizer_lr, warmup_steps=min(100, config.tokenizer_steps // 10),
+                               consistency_weight=0.0 if config.multi_step else config.tokenizer_consistency,
+                               future_frames=config.tokenizer_future_frames if config.multi_step else 0,
                                seed=config.seed, log_every=max(1, config.tokenizer_steps // 5))
     perceptual = None if config.tokenizer_lpips == "none" else lpips_loss(config.tokenizer_lpips, device)
-    print(f"tokenizer: {len(frames)} frames -> {config.token_grid[0]}x{config.token_grid[1]} ids, "
-          f"{config.tokenizer_steps} steps")
-    history = train_tokenizer(model, frames, train_config, perceptual)
-    quality = tokenizer_psnr(model, frames[:: max(1, len(frames) // 512)])  # a sample of the training frames
+    print(f"tokenizer: {data} -> {grids}, {config.tokenizer_steps} steps")
+    history = train_tokenizer(model, frames, train_config, perceptual, clips=clips)
+    sample = slice(None, None, max(1, len(clips if config.multi_step else frames) // 512))  # of the training data
+    quality = tokenizer_psnr(model, frames, clips[sample]) if config.multi_step else \
+        tokenizer_psnr(model, frames[sample])
     print(f"tokenizer: PSNR {quality['psnr']:.2f} dB, blur baseline {quality['blur_psnr']:.2f} dB")
     save_tokenizer(model, path, {"train_config": dataclasses.asdict(train_config), "metrics": quality,
                                  "final": history[-1] if history else None})
-    frames_file.unlink()  # the tokenizer is what later stages and resumed runs need, not its training frames
     return path
 
 
@@ -273,6 +339,7 @@ def pretrain_stage(config: PipelineConfig, episodes: Path, tokenizer: Path, run_
     out_dir = run_dir / "pretrain"
     pretrain(PretrainConfig(
         episodes=str(episodes), tokenizer=str(tokenizer), out_dir=str(out_dir), context_frames=config.context_frames,
+        predicted_frames=config.predicted_frames, clip_stride=1,  # multi-step: a clip at every start frame
         model="small", model_overrides=dict(config.model_overrides), steps=config.pretrain_steps,
         micro_batch_size=config.pretrain_batch_size, lr=config.pretrain_lr,
         warmup_steps=min(config.pretrain_warmup_steps, config.pretrain_steps - 1), seed=config.seed,
@@ -288,7 +355,8 @@ def rl_stage(config: PipelineConfig, tokenizer: Path, pretrain_dir: Path, run_di
     out_dir = run_dir / "rl"
     rl(RLConfig(
         data=str(pretrain_dir / CACHE_FILE), tokenizer=str(tokenizer), out_dir=str(out_dir),
-        init_from=str(pretrain_dir / "model"), token_grid=config.token_grid, context_frames=config.context_frames,
+        init_from=str(pretrain_dir / "model"), token_grid=None if config.multi_step else config.token_grid,
+        context_frames=config.context_frames,
         steps=config.rl_steps, prompts_per_step=config.rl_prompts, group_size=config.rl_group_size,
         rollout_prompts=config.rl_prompts, micro_batch_size=config.rl_prompts * config.rl_group_size,
         lr=config.rl_lr, kl_coef=config.rl_kl_coef, lpips_net=config.rl_lpips_net,
@@ -302,7 +370,8 @@ def eval_stage(config: PipelineConfig, model_dir: Path, episodes: Path, tokenize
     """The evaluation's result, reused from ``out_dir`` when it was made with the same settings."""
     eval_config = EvalConfig(
         model=str(model_dir), tokenizer=str(tokenizer), episodes=str(episodes), out_dir=str(out_dir),
-        context_frames=config.context_frames, clip_stride=config.eval_clip_stride, max_clips=config.eval_max_clips,
+        context_frames=config.context_frames, predicted_frames=config.predicted_frames,
+        clip_stride=config.eval_clip_stride, max_clips=config.eval_max_clips,
         group_size=config.eval_group_size, top_k=config.eval_top_k, lpips_net=config.eval_lpips_net,
         lpips_weights=config.lpips_weights,
         strip_clips=config.eval_strip_clips, seed=config.seed, device=config.device)
@@ -318,8 +387,18 @@ def eval_stage(config: PipelineConfig, model_dir: Path, episodes: Path, tokenize
 DESIGN_METRICS = ("mse", "psnr", "ssim", "lpips", "repetition_rate", "l1")
 
 
+def first_step(row: dict) -> dict:
+    """A multi-step row's metrics at the first prediction horizon: the next frame's."""
+    return {name: values[0] for name, values in row["per_step"].items()}
+
+
 def summarize(config: PipelineConfig, mle: dict, rlvr: dict, stage_seconds: dict) -> dict:
     """``DIR/eval.json``'s content (see the module doc)."""
+    next_frame = {}
+    if config.multi_step:
+        next_frame = {name: first_step(result[row]) for name, result, row in (
+            ("copy_last", mle, "copy_last"), ("copy_last_tokens", mle, "copy_last_tokens"),
+            ("tokenizer", mle, "tokenizer"), ("mle", mle, "model"), ("rlvr", rlvr, "model"))}
     return {
         "mle": {name: mle["model"][name] for name in DESIGN_METRICS},
         "rlvr": {name: rlvr["model"][name] for name in DESIGN_METRICS},
@@ -327,6 +406,7 @@ def summarize(config: PipelineConfig, mle: dict, rlvr: dict, stage_seconds: dict
         "best_of_n": {"mle": mle.get("best_of_n"), "rlvr": rlvr.get("best_of_n"),
                       "group_size": config.eval_group_size},
         "mean_of_n": {"mle": mle.get("mean_of_n"), "rlvr": rlvr.get("mean_of_n")},
+        "next_frame": next_frame,
         "clips": mle["clips"],
         "episodes": mle["episodes"],
         "stage_seconds": stage_seconds,
@@ -367,9 +447,15 @@ def print_summary(summary: dict, run_dir: Path) -> None:
         for kind in ("best", "mean"):
             for model in ("mle", "rlvr"):
                 rows[f"{model} {kind}-of-{group}"] = summary[f"{kind}_of_n"][model]
-    print(f"next-frame prediction on {summary['clips']} clips of {summary['episodes']} held-out episodes "
+    config = summary["config"]
+    what = f"{config['predicted_frames']}-frame prediction (means over the frames)" if summary["next_frame"] \
+        else "next-frame prediction"
+    print(f"{what} on {summary['clips']} clips of {summary['episodes']} held-out episodes "
           "(tokenizer: its reconstruction of the truth, an upper bound)")
     print(format_table(rows))
+    if summary["next_frame"]:
+        print("the first predicted frame alone")
+        print(format_table(summary["next_frame"]))
     print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in summary["stage_seconds"].items()))
     print(f"wrote {run_dir / RESULT_FILE}")
 

@@ -571,7 +571,8 @@ class PretrainConfig(RunConfig):
     out_dir: str = option("runs/pretrain", "run directory: checkpoints, logs, the final model")
     episodes: str = option("", "instead of --data: a directory of episode .npz files, tokenized first")
     tokenizer: str = option("", "with --episodes: a FrameTokenizer checkpoint (single-step cache) or a "
-                                 "CompressiveTokenizer one (multi-step clips), from `rlvrw tokenizer`")
+                                 "CompressiveTokenizer one (multi-step clips; `rlvrw train "
+                                 "tokenizer_kind=compressive` trains one)")
     frame_size: tuple[int, int] | None = option(None, "with --episodes: resize frames to H W before tokenizing",
                                        nargs=2, type=int, metavar=("H", "W"))
     context_frames: int = option(4, "frames (with their actions) in the prompt")
