@@ -38,6 +38,19 @@ CXX_FLAGS = ["-O3"]
 LANG_REQUIRES = ["transformers>=4.56", "peft>=0.13", "tokenizers>=0.20"]
 # Simulators that render robot manipulation on CPU: the embedded default dataset (rlvrw.data.sim).
 SIM_REQUIRES = ["gym-pusht>=0.1.8,<0.2", "metaworld>=3.1,<4"]
+INSTALL_REQUIRES = ["torch>=2.5", "triton", "numpy", "safetensors", "tqdm", "json-repair>=0.30"]
+# Ranges, as every library's requirements are. The test environment is pinned on top of these by
+# .ci/test-constraints.txt, which install.sh applies (re-resolve it with .ci/lock).
+EXTRAS_REQUIRE = {
+    "lang": LANG_REQUIRES,
+    "sim": SIM_REQUIRES,
+    "train": ["tensorboard"],
+    "vllm": ["vllm"],
+    "test": [
+        "pytest", "pytest-benchmark", "scipy", "scikit-image", "pillow", "vector-quantize-pytorch", "tensorboard",
+    ] + LANG_REQUIRES + SIM_REQUIRES,
+    "bench": ["pytest-benchmark", "liger-kernel", "vector-quantize-pytorch"],
+}
 
 
 def read_version() -> str:
@@ -126,25 +139,17 @@ def cuda_extension_kwargs(build: bool, reason: str) -> dict:
 
 def main() -> None:
     build, reason = cuda_extension_decision()
-    packages = find_packages(where=HERE, include=["rlvrw", "rlvrw.*"]) + ["rlvrw.kernels"]
+    # rlvrw.kernels comes from the top-level kernels/ folder (see rlvrw/kernels/__init__.py for why it is not there)
+    packages = find_packages(where=HERE, include=["rlvrw", "rlvrw.*"])
     setup(
         name="rlvrw",
         version=read_version(),
         description="Kernels and a thin trainer for world models trained with RL from verifiable rewards (RLVR-World)",
-        python_requires=">=3.9",
+        python_requires=">=3.10",
         packages=packages,
         package_dir={"rlvrw": "rlvrw", "rlvrw.kernels": "kernels"},
-        install_requires=["torch", "triton", "numpy", "safetensors", "tqdm", "json-repair>=0.30"],
-        extras_require={
-            "lang": LANG_REQUIRES,
-            "sim": SIM_REQUIRES,
-            "train": ["tensorboard"],
-            "vllm": ["vllm"],
-            "test": [
-                "pytest", "pytest-benchmark", "scipy", "scikit-image", "pillow", "vector-quantize-pytorch", "tensorboard",
-            ] + LANG_REQUIRES + SIM_REQUIRES,
-            "bench": ["pytest-benchmark", "liger-kernel", "vector-quantize-pytorch"],
-        },
+        install_requires=INSTALL_REQUIRES,
+        extras_require=EXTRAS_REQUIRE,
         entry_points={"console_scripts": ["rlvrw = rlvrw.cli:main"]},
         zip_safe=False,
         **cuda_extension_kwargs(build, reason),

@@ -9,18 +9,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import itertools
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-try:
-    from rlvrw.kernels import grpo_loss as K
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import kernels.grpo_loss as K
-
+from rlvrw.kernels import grpo_loss as K
 from rlvrw.reference import grpo as ref
 
 KL_TYPES = ref.KL_TYPES

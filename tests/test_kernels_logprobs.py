@@ -5,7 +5,6 @@ kernels module is imported); with one, the same tests run compiled on CUDA tenso
 """
 
 import os
-import sys
 
 import torch
 
@@ -15,12 +14,7 @@ if DEVICE == "cpu":
 
 import pytest  # noqa: E402
 
-try:
-    from rlvrw.kernels import logprobs as K
-except ImportError:  # not installed: import the kernels straight from the checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import kernels.logprobs as K
-
+from rlvrw.kernels import logprobs as K  # noqa: E402
 from rlvrw.reference import logprobs as R  # noqa: E402
 
 # Rows that are masked out, or that hold -inf, evaluate discarded where() branches as NaN under numpy.

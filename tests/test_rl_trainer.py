@@ -244,8 +244,11 @@ def test_two_gloo_processes_match_one_process(files, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     pair, one = read_metrics(tmp_path / "pair"), read_metrics(single.out_dir)
     assert [r["step"] for r in pair] == [1, 2]  # rank 0 alone writes the log
-    for name in ("reward_mean", "reward_std", "reward_l1", "loss", "kl", "entropy", "repetition_rate"):
+    for name in ("reward_mean", "reward_std", "reward_l1", "kl", "entropy", "repetition_rate"):
         assert [r[name] for r in pair] == pytest.approx([r[name] for r in one], rel=1e-5, abs=1e-7), name
+    # An on-policy step's loss is sum(A * ratio) / N with ratio 1 and group advantages summing to 0: zero up to fp32
+    # rounding, whose size depends on how the sum is split over ranks. So it is compared at the rounding's scale.
+    assert [r["loss"] for r in pair] == pytest.approx([r["loss"] for r in one], abs=1e-6)
     got, want = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("pair", "single"))
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)

@@ -452,7 +452,8 @@ class GRPOTrainer:
             timer.mark("reward")
             sums = self.update(rollout, advantages)
             timer.mark("update")
-        sums.update(reward=rewards.sum(), reward_sq=rewards.square().sum(), reward_l1=l1.sum(),
+        # float64: the std comes from E[r^2] - E[r]^2 over every rank, which cancels most of fp32's digits
+        sums.update(reward=rewards.double().sum(), reward_sq=rewards.double().square().sum(), reward_l1=l1.sum(),
                     reward_lpips=lpips.sum(), repetition=repeated_frames(layout, rollout.ids).sum(),
                     samples=torch.full((), float(rewards.numel()), device=rewards.device))
         return sums, timer
@@ -508,7 +509,7 @@ def reduce_metrics(sums: dict[str, torch.Tensor], timer: PhaseTimer | None = Non
     and a host sync): reward mean and std (over all samples), its L1 and LPIPS parts, repetition rate, the loss
     terms, entropy, ``logp_gap`` (mean |trainer - sampler| log-prob), the gradient norm and, with ``timer``, the
     seconds of each phase (rank 0's)."""
-    totals = distributed.all_reduce_sum(torch.stack([sums[name].float() for name in SUMMED])).tolist()
+    totals = distributed.all_reduce_sum(torch.stack([sums[name].double() for name in SUMMED])).tolist()
     total = dict(zip(SUMMED, totals))
     samples = total.pop("samples")
     mean = total["reward"] / samples

@@ -1,1 +1,0 @@
-"""Triton kernels and their launchers (installed as ``rlvrw.kernels``). Nothing here checks inputs: see ``rlvrw.ops``."""
