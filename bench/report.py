@@ -4,8 +4,9 @@
     python bench/report.py --run [--out bench/results] [-- PYTEST_ARGS...]   # run the suite, then report
 
 The JSON is the pytest-benchmark output as is, with ``rlvrw.ops.report()`` under ``machine_info.rlvrw`` (bench's
-conftest puts it there; it is added here when missing). The markdown has a table per benchmark group and a list of
-the targets from bench/README.md with what this run measured.
+conftest puts it there; it is added here when missing) and the session's settings and device rates under
+``rlvrw_bench``. The markdown has a table per benchmark group and a list of the targets from bench/README.md with
+what this run measured.
 """
 
 from __future__ import annotations
@@ -43,8 +44,13 @@ def _rlvrw_report() -> dict:
         return {"report_error": f"{type(err).__name__}: {err}"}
 
 
+def bench_info_of(run: dict) -> dict:
+    """The session's settings and device rates (under ``machine_info`` in runs made before they moved out of it)."""
+    return run.get("rlvrw_bench") or run.get("machine_info", {}).get("rlvrw_bench") or {}
+
+
 def device_of(run: dict) -> str:
-    bench_info = run.get("machine_info", {}).get("rlvrw_bench") or {}
+    bench_info = bench_info_of(run)
     if bench_info.get("device"):
         return bench_info["device"]
     for bench in run.get("benchmarks", []):
@@ -207,7 +213,7 @@ def targets(groups: dict[str, list[dict]], on_gpu: bool) -> list[str]:
 def markdown(run: dict, device: str, date: str) -> str:
     machine = run.get("machine_info", {})
     rl = machine.get("rlvrw", {})
-    bench_info = machine.get("rlvrw_bench") or {}
+    bench_info = bench_info_of(run)
     rates = bench_info.get("rates") or {}
     on_gpu = bool(rl.get("cuda_available")) and device != "cpu"
     out = [f"# rlvrw benchmarks: {device}, {date}", ""]
