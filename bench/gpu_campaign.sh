@@ -19,9 +19,11 @@
 # The script stops itself at 540 s (CAMPAIGN_SECONDS): each stage has a time budget, runs under `timeout` for it,
 # and is skipped, saying so, when its budget no longer fits before the report. The stages, most important first:
 #   setup (install, build rlvrw._C), sync-graph (no host sync in a whole RL step, the CUDA-graph rollout),
-#   selfcheck (`rlvrw`: every op on every backend against float64), gpu-tests (every other `gpu`-marked test),
-#   bench-grpo, bench-linear, bench-rl-step, bench-reward, bench-decode, bench-fsq, bench-group-norm (pytest-benchmark
-#   at the target shapes, one session each), kernel-tests (the Triton kernel tests on the GPU, with what time is left).
+#   gpu-tests (every other `gpu`-marked test), bench-grpo, bench-linear, bench-rl-step (pytest-benchmark at the
+#   target shapes, one session each), selfcheck (`rlvrw`: every op on every backend against float64), bench-reward,
+#   bench-decode, bench-fsq, bench-group-norm, kernel-tests (the Triton kernel tests on the GPU, in the time left).
+# The budgets add up to more than 540 s: the last stages run when the first ones take less than their budgets;
+# otherwise rerun them (--only) while the machine is still warm.
 # Results in $OUT (default bench/results): <device>-<date>.json (pytest-benchmark JSON of every bench stage, merged)
 # and .md (bench/report.py: tables, targets, the CUDA-vs-Triton race per shape), campaign.log (everything printed,
 # a summary at the end), campaign-env.json (device, driver, versions, rlvrw.ops.report()), campaign-selfcheck.txt.
@@ -38,10 +40,11 @@ export PIP_ROOT_USER_ACTION=ignore
 export TRITON_INTERPRET=0  # some test modules set 1 when it is unset: on a GPU the kernels must compile
 
 # ---- what each stage runs ------------------------------------------------------------------------------------------
-STAGES=(setup sync-graph selfcheck gpu-tests bench-grpo bench-linear bench-rl-step bench-reward bench-decode bench-fsq
+# Most important first. Budgets are estimates (nothing has run on a GPU yet): campaign.log records what each took.
+STAGES=(setup sync-graph gpu-tests bench-grpo bench-linear bench-rl-step selfcheck bench-reward bench-decode bench-fsq
         bench-group-norm kernel-tests)
-declare -A BUDGET=([setup]=150 [sync-graph]=45 [selfcheck]=60 [gpu-tests]=90 [bench-grpo]=60 [bench-linear]=40
-                   [bench-rl-step]=60 [bench-reward]=35 [bench-decode]=50 [bench-fsq]=25 [bench-group-norm]=25
+declare -A BUDGET=([setup]=120 [sync-graph]=45 [gpu-tests]=90 [bench-grpo]=60 [bench-linear]=40 [bench-rl-step]=60
+                   [selfcheck]=75 [bench-reward]=35 [bench-decode]=50 [bench-fsq]=25 [bench-group-norm]=25
                    [kernel-tests]=45)
 declare -A ROUNDS=([bench-decode]=3)  # timed rounds (RLVRW_BENCH_ROUNDS) where the default of 10 would not fit
 

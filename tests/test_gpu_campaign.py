@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_campaign.sh"
-STAGES = ["setup", "sync-graph", "selfcheck", "gpu-tests", "bench-grpo", "bench-linear", "bench-rl-step",
+STAGES = ["setup", "sync-graph", "gpu-tests", "bench-grpo", "bench-linear", "bench-rl-step", "selfcheck",
           "bench-reward", "bench-decode", "bench-fsq", "bench-group-norm", "kernel-tests"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -46,7 +46,8 @@ def test_dry_run_reports_a_name_that_does_not_exist(tmp_path):
         (tmp_path / name).symlink_to(REPO / name)
     text = SCRIPT.read_text()
     text = text.replace("tests/test_rollout.py::test_cuda_graph_rollout", "tests/test_rollout.py::test_no_such_test")
-    text = text.replace('"rlvrw rlvrw-triton rlvrw-cuda eager liger"', '"nope rlvrw rlvrw-triton rlvrw-cuda eager liger"')
+    grpo_impls = '"rlvrw rlvrw-triton rlvrw-cuda eager liger"'
+    text = text.replace(grpo_impls, grpo_impls.replace('"rlvrw', '"nope rlvrw'))
     script = tmp_path / "bench" / "gpu_campaign.sh"
     script.write_text(text)
     proc = campaign("--dry-run", "--only", "sync-graph,bench-grpo", script=script,
