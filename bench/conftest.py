@@ -17,6 +17,7 @@ is loaded by ``pytest tests/``. See bench/README.md for how to run and what the 
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import os
 import shlex
@@ -476,9 +477,13 @@ else:
         floor = min_rounds(request.config)
         if floor is not None:
             pedantic = benchmark.pedantic
+            signature = inspect.signature(pedantic)
 
-            def at_least_min_rounds(target, *args, rounds=1, **kwargs):
-                return pedantic(target, *args, rounds=max(rounds, floor), **kwargs)
+            def at_least_min_rounds(*args, **kwargs):
+                call = signature.bind(*args, **kwargs)
+                call.apply_defaults()
+                call.arguments["rounds"] = max(call.arguments["rounds"], floor)
+                return pedantic(*call.args, **call.kwargs)
 
             benchmark.pedantic = at_least_min_rounds
         return benchmark
