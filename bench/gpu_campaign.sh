@@ -16,6 +16,7 @@
 #   command:    PYTHONUNBUFFERED=1 bash bench/gpu_campaign.sh
 #   carry:      [".whl"]
 #   timeout_s:  570
+# Then commit the <device>-<date>.json and .md that come back from $OUT into bench/results/.
 # The script stops itself at 540 s (CAMPAIGN_SECONDS): each stage has a time budget, runs under `timeout` for it,
 # and is skipped, saying so, when its budget no longer fits before the report. The stages, most important first:
 #   setup (install, build rlvrw._C), sync-graph (no host sync in a whole RL step, the CUDA-graph rollout),
