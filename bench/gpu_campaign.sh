@@ -33,6 +33,7 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PYTHON=${PYTHON:-python3}
 TOTAL=${CAMPAIGN_SECONDS:-540}
+SCALE=${CAMPAIGN_BUDGET_SCALE:-1}  # an integer factor on every stage budget, for slower machines (CPU tests of this)
 REPORT_RESERVE=20  # seconds kept for writing the report
 OUT=${OUT:-$REPO/bench/results}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/rlvrw-campaign.XXXXXX")
@@ -180,7 +181,7 @@ stage_bench() {  # NAME LIMIT
 }
 
 run_stage() {  # NAME: run it within its budget, or say why not
-  local name=$1 budget=${BUDGET[$1]} left rc t0
+  local name=$1 budget=$(( BUDGET[$1] * SCALE )) left rc t0
   selected "$name" || return 0
   left=$(( START + TOTAL - REPORT_RESERVE - $(date +%s) ))
   [[ $name == kernel-tests ]] && (( left > budget )) && budget=$left  # the last stage takes what is left
