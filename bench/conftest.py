@@ -8,15 +8,19 @@ is loaded by ``pytest tests/``. See bench/README.md for how to run and what the 
   matmul rate (measured once, on first use).
 * ``bench`` (per test): a ``Runner`` that times one implementation's fwd+bwd with ``benchmark.pedantic``, measures
   its peak memory on a GPU, and fills ``benchmark.extra_info``.
-* Hooks: the ``rlvrw`` report (versions, device) and the device rates go into the JSON's ``machine_info``; the
-  benchmarks that were skipped, with their reasons, go into the JSON under ``rlvrw_skipped``.
+* ``benchmark``: pytest-benchmark's, with ``pedantic`` honouring ``--benchmark-min-rounds``.
+* Hooks: the ``rlvrw`` report (versions, device) goes into the JSON's ``machine_info``, the session's settings and
+  the device rates under ``rlvrw_bench``, the benchmarks that were skipped, with their reasons, under
+  ``rlvrw_skipped``; saved runs go to rlvrw's cache directory unless ``--benchmark-storage`` says otherwise.
 """
 
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import os
+import shlex
 import time
 from dataclasses import dataclass
 
@@ -25,6 +29,8 @@ import torch
 
 FULL_ENV = "RLVRW_BENCH_FULL"
 ROUNDS_ENV = "RLVRW_BENCH_ROUNDS"
+MIN_ROUNDS_OPTION = "--benchmark-min-rounds"
+STORAGE_OPTION = "--benchmark-storage"
 
 GPU_ONLY_IMPLS = ("rlvrw-triton", "rlvrw-cuda", "liger")
 # the rlvrw op whose automatic backend choice a benchmark's timing reflects
@@ -440,6 +446,19 @@ def bench(bench_env, benchmark) -> Runner:
     return Runner(bench_env, benchmark)
 
 
+def option_given(config, option: str) -> bool:
+    """Whether the user set ``option`` (on the command line, in PYTEST_ADDOPTS or in the ini's addopts) rather than
+    leaving its default."""
+    args = list(config.invocation_params.args) + shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
+    args += list(config.getini("addopts"))
+    return any(arg == option or arg.startswith(option + "=") for arg in args)
+
+
+def min_rounds(config) -> int | None:
+    """``--benchmark-min-rounds`` when the user gave it, else None."""
+    return config.getoption("benchmark_min_rounds") if option_given(config, MIN_ROUNDS_OPTION) else None
+
+
 try:
     import pytest_benchmark  # noqa: F401
 except ImportError:  # without the plugin, say so instead of erroring on a missing fixture
@@ -448,25 +467,67 @@ except ImportError:  # without the plugin, say so instead of erroring on a missi
     def benchmark():
         pytest.skip("pytest-benchmark is not installed (pip install pytest-benchmark)")
 
+else:
+
+    @pytest.fixture
+    def benchmark(benchmark, request):
+        """pytest-benchmark's fixture, whose ``pedantic`` (which every benchmark here uses: fixed rounds after
+        explicit warm-ups) runs at least ``--benchmark-min-rounds`` rounds when that option is given; pytest-benchmark
+        itself applies the option only to its calibrated mode."""
+        floor = min_rounds(request.config)
+        if floor is not None:
+            pedantic = benchmark.pedantic
+            signature = inspect.signature(pedantic)
+
+            def at_least_min_rounds(*args, **kwargs):
+                call = signature.bind(*args, **kwargs)
+                call.apply_defaults()
+                call.arguments["rounds"] = max(call.arguments["rounds"], floor)
+                return pedantic(*call.args, **call.kwargs)
+
+            benchmark.pedantic = at_least_min_rounds
+        return benchmark
+
 
 # ---- hooks ------------------------------------------------------------------------------------------------------
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Before pytest-benchmark reads it: saved runs (``--benchmark-save``, ``--benchmark-autosave``) and the runs
+    ``--benchmark-compare`` reads go to rlvrw's cache directory (``$RLVRW_CACHE/benchmarks``, default
+    ``~/.cache/rlvrw/benchmarks``) rather than pytest-benchmark's default ``./.benchmarks``, inside the checkout;
+    ``--benchmark-storage`` still chooses."""
+    if getattr(config.option, "benchmark_storage", None) is None or option_given(config, STORAGE_OPTION):
+        return
+    from rlvrw.files import cache_dir
+
+    config.option.benchmark_storage = cache_dir("benchmarks").as_uri()
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info):
+    # machine_info says which machine ran: --benchmark-compare warns when a saved run's differs from this session's,
+    # which pytest-benchmark computes before any benchmark has run. So nothing measured goes in (the device rates and
+    # this session's settings are under the JSON's "rlvrw_bench"), and the CPU's momentary clock reading comes out.
     machine_info["rlvrw"] = rlvrw_report()
-    if _ENV is not None:
-        machine_info["rlvrw_bench"] = {
-            "device": _ENV.device_name,
-            "dtype": str(_ENV.dtype).replace("torch.", ""),
-            "full_shapes": _ENV.full,
-            "rounds": _ENV.rounds,
-            "torch_threads": torch.get_num_threads(),
-            "rates": _ENV._rates,
-        }
+    cpu = machine_info.get("cpu")
+    if isinstance(cpu, dict):
+        for key in ("hz_actual", "hz_actual_friendly"):
+            cpu.pop(key, None)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["rlvrw_skipped"] = list(_SKIPPED)
+    if _ENV is not None:
+        output_json["rlvrw_bench"] = {
+            "device": _ENV.device_name,
+            "dtype": str(_ENV.dtype).replace("torch.", ""),
+            "full_shapes": _ENV.full,
+            "rounds": _ENV.rounds,
+            "min_rounds": min_rounds(config),
+            "torch_threads": torch.get_num_threads(),
+            "rates": _ENV._rates,
+        }
 
 
 def pytest_runtest_logreport(report):

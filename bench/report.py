@@ -1,11 +1,13 @@
 """Turn a pytest-benchmark run of bench/ into a committed result: ``<out>/<device>-<yyyy-mm-dd>.json`` and ``.md``.
 
     python bench/report.py RUN.json [--out bench/results]        # RUN.json from pytest --benchmark-json=RUN.json
+    python bench/report.py RUN1.json RUN2.json ...                # several sessions of one machine, as one result
     python bench/report.py --run [--out bench/results] [-- PYTEST_ARGS...]   # run the suite, then report
 
 The JSON is the pytest-benchmark output as is, with ``rlvrw.ops.report()`` under ``machine_info.rlvrw`` (bench's
-conftest puts it there; it is added here when missing). The markdown has a table per benchmark group and a list of
-the targets from bench/README.md with what this run measured.
+conftest puts it there; it is added here when missing) and the session's settings and device rates under
+``rlvrw_bench``. The markdown has a table per benchmark group and a list of the targets from bench/README.md with
+what this run measured.
 """
 
 from __future__ import annotations
@@ -43,8 +45,13 @@ def _rlvrw_report() -> dict:
         return {"report_error": f"{type(err).__name__}: {err}"}
 
 
+def bench_info_of(run: dict) -> dict:
+    """The session's settings and device rates (under ``machine_info`` in runs made before they moved out of it)."""
+    return run.get("rlvrw_bench") or run.get("machine_info", {}).get("rlvrw_bench") or {}
+
+
 def device_of(run: dict) -> str:
-    bench_info = run.get("machine_info", {}).get("rlvrw_bench") or {}
+    bench_info = bench_info_of(run)
     if bench_info.get("device"):
         return bench_info["device"]
     for bench in run.get("benchmarks", []):
@@ -156,6 +163,20 @@ def group_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def race_table(groups: dict[str, list[dict]]) -> list[str]:
+    """One row per group that timed both ``rlvrw-triton`` and ``rlvrw-cuda``."""
+    lines = ["| group | triton ms | cuda ms | faster | automatic choice |", "|---|---:|---:|---|---|"]
+    for name, rows in groups.items():
+        triton, cuda, auto = _find(rows, "rlvrw-triton"), _find(rows, "rlvrw-cuda"), _find(rows, "rlvrw")
+        if triton is None or cuda is None or not _median(triton) or not _median(cuda):
+            continue
+        faster = "cuda" if _median(cuda) < _median(triton) else "triton"
+        chosen = (auto or {}).get("extra_info", {}).get("auto_backend") or "-"
+        lines.append(f"| {name.replace('|', '/')} | {_ms(_median(triton))} | {_ms(_median(cuda))} | {faster} | "
+                     f"{chosen} |")
+    return lines if len(lines) > 2 else []
+
+
 def _status(ok) -> str:
     return "n/a" if ok is None else ("met" if ok else "NOT met")
 
@@ -207,7 +228,7 @@ def targets(groups: dict[str, list[dict]], on_gpu: bool) -> list[str]:
 def markdown(run: dict, device: str, date: str) -> str:
     machine = run.get("machine_info", {})
     rl = machine.get("rlvrw", {})
-    bench_info = machine.get("rlvrw_bench") or {}
+    bench_info = bench_info_of(run)
     rates = bench_info.get("rates") or {}
     on_gpu = bool(rl.get("cuda_available")) and device != "cpu"
     out = [f"# rlvrw benchmarks: {device}, {date}", ""]
@@ -248,6 +269,11 @@ def markdown(run: dict, device: str, date: str) -> str:
         *targets(groups_of(run), on_gpu),
         "",
     ]
+    race = race_table(groups_of(run))
+    if race:
+        out += ["## CUDA vs Triton", "",
+                "Per shape, the two backends' medians, and which one the automatic choice (impl `rlvrw`) ran: it "
+                "times both once per size class on first use and keeps the faster.", "", *race, ""]
     for name, rows in groups_of(run).items():
         out += [f"## {name}", "", *group_table(rows), ""]
     skipped = run.get("rlvrw_skipped") or []
@@ -258,8 +284,23 @@ def markdown(run: dict, device: str, date: str) -> str:
     return "\n".join(out)
 
 
-def write_report(run_path: Path, out_dir: Path) -> tuple[Path, Path]:
-    run = json.loads(Path(run_path).read_text())
+def merge_runs(runs: list[dict]) -> dict:
+    """Several pytest-benchmark sessions of one machine (e.g. one per stage of bench/gpu_campaign.sh) as one run:
+    their benchmarks and skips together; the first session's settings and device rates (each benchmark keeps the
+    rates it was measured against in its extra_info), and every session's under ``rlvrw_sessions``."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = dict(runs[0])
+    merged["benchmarks"] = [b for run in runs for b in run.get("benchmarks", [])]
+    merged["rlvrw_skipped"] = [s for run in runs for s in run.get("rlvrw_skipped", [])]
+    sessions = [bench_info_of(run) for run in runs]
+    merged["rlvrw_bench"] = next((s for s in sessions if s.get("rates")), sessions[0])
+    merged["rlvrw_sessions"] = sessions
+    return merged
+
+
+def write_report(run_paths: list[Path], out_dir: Path) -> tuple[Path, Path]:
+    run = merge_runs([json.loads(Path(path).read_text()) for path in run_paths])
     machine = run.setdefault("machine_info", {})
     if "rlvrw" not in machine:
         machine["rlvrw"] = _rlvrw_report()
@@ -289,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, pytest_args = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_json", nargs="?", type=Path, help="a pytest --benchmark-json file of bench/")
+    parser.add_argument("run_json", nargs="*", type=Path,
+                        help="pytest --benchmark-json files of bench/ (several: sessions of one machine, merged)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--run", action="store_true", help="run pytest bench/ --benchmark-only first")
     args = parser.parse_args(argv)
@@ -301,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             if not run_json.exists():
                 print(f"pytest exited with {rc} and wrote no benchmark JSON", file=sys.stderr)
                 return rc or 1
-            paths = write_report(run_json, args.out)
+            paths = write_report([run_json], args.out)
     else:
-        if args.run_json is None:
+        if not args.run_json:
             parser.error("give RUN.json, or --run")
         paths = write_report(args.run_json, args.out)
     for path in paths:

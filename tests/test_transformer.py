@@ -1,7 +1,8 @@
 """WorldModelTransformer: Hugging Face LlamaForCausalLM checkpoints both ways (identical logits), the outputs
 (logits, hidden, hidden-only through linear_token_logprobs), causality, attention against a naive float64 reference,
 the KV cache (prefill + decode == full forward, expanding a prompt over a group == prefilling it G times), a rollout
-driven by a sequence layout's tables, the attention backends and their fallback, and input errors.
+driven by a sequence layout's tables, the attention backends on a GPU, and input errors. Backend choice and autocast:
+test_attention.py.
 
 GPU-only tests (flash-attn, xformers, CUDA graph capture of the decode step) are marked ``gpu``.
 """
@@ -17,6 +18,7 @@ import torch
 import rlvrw.ops as ops
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models import WorldModelConfig, WorldModelTransformer
+from rlvrw.models import attention as A
 from rlvrw.models import transformer as T
 
 TINY = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -324,42 +326,12 @@ def test_cache_errors():
 # ---- backends --------------------------------------------------------------------------------------------------------
 
 
-def test_backend_fallback_to_sdpa(monkeypatch):
-    monkeypatch.setattr(T, "_flash_attn", lambda: None)
-    monkeypatch.setattr(T, "_xformers_ops", lambda: None)
-    cuda = torch.device("cuda")
-    assert T.resolve_attention_backend("auto", cuda, torch.bfloat16) == "sdpa"
-    assert T.resolve_attention_backend("auto", torch.device("cpu"), torch.float32) == "sdpa"
-    with pytest.raises(ValueError, match="flash-attn, which is not installed"):
-        T.resolve_attention_backend("flash", cuda, torch.bfloat16)
-    with pytest.raises(ValueError, match="xformers, which is not installed"):
-        T.resolve_attention_backend("xformers", cuda, torch.bfloat16)
-    monkeypatch.setattr(T, "_flash_attn", lambda: object())
-    monkeypatch.setattr(T, "_xformers_ops", lambda: object())
-    assert T.resolve_attention_backend("auto", cuda, torch.bfloat16) == "flash"
-    assert T.resolve_attention_backend("auto", cuda, torch.float32) == "xformers"
-    assert T.resolve_attention_backend("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"
-    with pytest.raises(ValueError, match="fp16/bf16 CUDA tensors"):
-        T.resolve_attention_backend("flash", torch.device("cpu"), torch.bfloat16)
-    with pytest.raises(ValueError, match="attention_backend must be one of"):
-        T.resolve_attention_backend("triton", cuda, torch.bfloat16)
-    # a model forced onto a missing backend says so when it runs; auto runs SDPA
-    monkeypatch.setattr(T, "_flash_attn", lambda: None)
-    ids = random_ids(1, 8)
-    with pytest.raises(ValueError, match="flash-attn"):
-        WorldModelTransformer(WorldModelConfig(**TINY), attention_backend="flash")(ids)
-    torch.manual_seed(0)
-    auto = WorldModelTransformer(WorldModelConfig(**TINY))
-    torch.manual_seed(0)
-    sdpa = WorldModelTransformer(WorldModelConfig(**TINY), attention_backend="sdpa")
-    torch.testing.assert_close(auto(ids), sdpa(ids), atol=0, rtol=0)
-
-
 def _require(backend: str):
-    if backend == "flash" and T._flash_attn() is None:
-        pytest.skip("flash-attn is not installed")
-    if backend == "xformers" and T._xformers_ops() is None:
-        pytest.skip("xformers is not installed")
+    """Skip, saying why, when ``backend`` cannot run here (the package or its functions are missing)."""
+    if backend == "flash" and A._flash_attn().unavailable:
+        pytest.skip(A._flash_attn().unavailable)
+    if backend == "xformers" and A._xformers_ops().unavailable:
+        pytest.skip(A._xformers_ops().unavailable)
 
 
 @pytest.mark.gpu

@@ -2,12 +2,13 @@
 
 ``HFRollout``: ``model.generate`` on the trainer's own model, always available. ``VLLMRollout``: a vLLM engine in
 the same process, its weights overwritten from the trainer after every update; it also returns the sampler's
-log-probs.
+log-probs (after temperature).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -111,37 +112,76 @@ class HFRollout:
         return Rollouts(prompt_ids=prompts, response_ids=responses, texts=texts, truncated=truncated)
 
 
+# vLLM runs its engine in a child process unless this is 0; the weight sync needs it in this one.
+IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+# Log-probs of the distribution sampled from (after temperature), which the trainer recomputes at the same
+# temperature; vLLM's default, "raw_logprobs", is the model's own distribution (temperature 1).
+LOGPROBS_MODE = "processed_logprobs"
+
+
+def force_in_process_engine() -> None:
+    """Set ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` for the engines created next, warning when it held another value."""
+    value = os.environ.get(IN_PROCESS_ENV)
+    if value is not None and value.strip() != "0":
+        warnings.warn(f"rlvrw: {IN_PROCESS_ENV}={value!r} overridden with 0: the vLLM rollout syncs the trainer's "
+                      "weights into an engine running in this process", RuntimeWarning, stacklevel=3)
+    os.environ[IN_PROCESS_ENV] = "0"
+
+
 class VLLMRollout:
     """Sampling with a vLLM engine in this process (colocated with the trainer on the same GPU).
 
     The engine loads ``model_dir`` once; ``sync_weights`` then overwrites its weights with the trainer's (LoRA
-    adapters merged in) after every update. Sampling log-probs come back in ``Rollouts.sample_logprobs``, as vLLM
-    reports them. Needs ``pip install vllm`` and a GPU; the engine runs in-process
-    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that its model can be reached for the weight update.
+    adapters merged in) after every update, through ``LLM.apply_model``, which hands the trainer's tensors to the
+    engine's model only when the engine runs in this process. So the constructor sets
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (warning if it held another value), and checks afterwards that the engine's
+    model is reachable here; when vLLM read the variable earlier in this process (it caches its environment once an
+    engine has started), it raises and says so. Sampling log-probs (``Rollouts.sample_logprobs``) are vLLM's
+    ``processed_logprobs``: after temperature, the distribution the tokens were drawn from. Needs ``pip install vllm``
+    (0.10 or newer) and a GPU.
     """
 
     def __init__(self, model_dir: str, stop_ids: list[int], *, max_new_tokens: int,
                  temperature: float = 1.0, gpu_memory_utilization: float = 0.4, dtype: str = "bfloat16",
                  max_model_len: int | None = None, seed: int = 0):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        force_in_process_engine()
         from vllm import LLM
 
         self.stop_ids = stop_ids
         self.max_new_tokens, self.temperature = max_new_tokens, float(temperature)
-        self.llm = LLM(model=model_dir, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                       max_model_len=max_model_len, enable_prefix_caching=True, seed=seed)
+        try:
+            self.llm = LLM(model=model_dir, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                           max_model_len=max_model_len, enable_prefix_caching=True, seed=seed,
+                           logprobs_mode=LOGPROBS_MODE)
+        except TypeError as err:
+            if "logprobs_mode" not in str(err):
+                raise
+            raise RuntimeError("the vLLM rollout needs vLLM 0.10 or newer (the logprobs_mode engine argument, for "
+                               f"log-probs after temperature); the installed vLLM refused it: {err}") from err
+        self._check_in_process()
 
-    def _engine_model(self):
-        executor = self.llm.llm_engine.model_executor
-        worker = executor.driver_worker
-        runner = worker.model_runner if hasattr(worker, "model_runner") else worker.worker.model_runner
-        return runner.model
+    def _check_in_process(self) -> None:
+        """Raise unless ``apply_model`` runs its function on the engine's model here, in this process."""
+        reached: list = []
+        try:
+            self.llm.apply_model(lambda engine_model: reached.append(engine_model))
+        except Exception as err:  # a multiprocess engine refuses to pickle the function, or fails to run it
+            failure = f" (apply_model raised {type(err).__name__}: {err})"
+        else:
+            failure = ""
+        if not reached:
+            raise RuntimeError(
+                f"the vLLM engine runs in another process, so the trainer's weights cannot be synced into it{failure}. "
+                f"{IN_PROCESS_ENV} must be 0 when vLLM starts its first engine in this process: set "
+                f"{IN_PROCESS_ENV}=0 in the environment before starting, or use backend='hf'"
+            )
 
     @torch.no_grad()
     def sync_weights(self, model) -> None:
         from rlvrw.lang.train import merged_weights
 
-        self._engine_model().load_weights(merged_weights(model))
+        weights = merged_weights(model)
+        self.llm.apply_model(lambda engine_model: engine_model.load_weights(weights))
         self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights
 
     def generate(self, prompt_ids: list[list[int]], n: int = 1) -> Rollouts:

@@ -27,16 +27,16 @@ has no data-dependent Python branch, so it can be captured in a CUDA graph:
     model.free_cache()
 
 Attention runs through flash-attn (``flash_attn_func``; ``flash_attn_with_kvcache`` when decoding) when it is
-installed and the tensors are fp16/bf16 on a GPU, else xformers' ``memory_efficient_attention`` when installed and on a
-GPU, else PyTorch's ``scaled_dot_product_attention``; the decode step under xformers uses SDPA (one query per row
-against a masked cache is not what xformers' kernels are for). ``attention_backend`` forces one ("flash",
-"xformers", "sdpa").
+installed and the tensors are fp16/bf16 on a GPU of compute capability >= 8.0 with head_dim <= 256, else xformers'
+``memory_efficient_attention`` when installed and on a GPU, else PyTorch's ``scaled_dot_product_attention`` (see
+``rlvrw.models.attention``); the decode step under xformers uses SDPA (one query per row against a masked cache is
+not what xformers' kernels are for). ``attention_backend`` forces one ("flash", "xformers", "sdpa"). Under autocast
+with fp32 weights attention runs in the autocast dtype, q, k and v alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +45,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rlvrw.models.attention import (
+    ATTENTION_BACKENDS,
+    apply_rotary,
+    cached_attention,
+    causal_attention,
+    resolve_attention_backend,
+    rotary_cos_sin,
+)
 from rlvrw.ops import _checks
-
-ATTENTION_BACKENDS = ("auto", "flash", "xformers", "sdpa")
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -137,125 +142,6 @@ class WorldModelConfig:
             "rope_scaling": None,
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
         }
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Attention backends
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _flash_attn():
-    """The flash_attn module, or None when it is not installed (imported on first use only)."""
-    try:
-        import flash_attn
-    except ImportError:
-        return None
-    return flash_attn
-
-
-@functools.cache
-def _xformers_ops():
-    """xformers.ops, or None when it is not installed."""
-    try:
-        import xformers.ops
-    except ImportError:
-        return None
-    return xformers.ops
-
-
-def resolve_attention_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that ``requested`` ("auto" or a name) means for tensors of ``dtype`` on ``device``."""
-    if requested not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, got {requested!r}")
-    flash_fits = device.type == "cuda" and dtype in HALF_DTYPES
-    if requested == "auto":
-        if flash_fits and _flash_attn() is not None:
-            return "flash"
-        if device.type == "cuda" and _xformers_ops() is not None:
-            return "xformers"
-        return "sdpa"
-    if requested == "flash":
-        if _flash_attn() is None:
-            raise ValueError("attention_backend='flash' needs flash-attn, which is not installed")
-        if not flash_fits:
-            raise ValueError(f"attention_backend='flash' needs fp16/bf16 CUDA tensors, got {dtype} on {device}")
-    if requested == "xformers" and _xformers_ops() is None:
-        raise ValueError("attention_backend='xformers' needs xformers, which is not installed")
-    return requested
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-    """Causal self-attention of a whole sequence: q (B, T, H, D), k and v (B, T, Hkv, D) -> (B, T, H, D).
-
-    Query head h reads key/value head h // (H // Hkv), as in Hugging Face's LLaMA. Scale 1/sqrt(D).
-    """
-    if backend == "flash":
-        return _flash_attn().flash_attn_func(q, k, v, causal=True)
-    if backend == "xformers":
-        xops = _xformers_ops()
-        k, v = _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2])
-        return xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask())
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=k.shape[2] != q.shape[2]
-    )
-    return out.transpose(1, 2)
-
-
-def cached_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    pos: torch.Tensor,
-    visible: torch.Tensor,
-    backend: str,
-) -> torch.Tensor:
-    """One new token per row at position ``pos``: q (n, 1, H, D), k and v (n, 1, Hkv, D) are written into the caches
-    (n, max_len, Hkv, D) at ``pos``, then q attends to cache positions [0, pos]. ``visible`` (1, max_len) bool is
-    ``arange(max_len) <= pos``. Static shapes throughout: positions past ``pos`` are masked, not skipped."""
-    if backend == "flash":
-        cached_tokens = pos.to(torch.int32).expand(q.shape[0]).contiguous()
-        return _flash_attn().flash_attn_with_kvcache(
-            q, k_cache, v_cache, k=k, v=v, cache_seqlens=cached_tokens, causal=True
-        )
-    k_cache.index_copy_(1, pos, k)
-    v_cache.index_copy_(1, pos, v)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), attn_mask=visible,
-        enable_gqa=k.shape[2] != q.shape[2],
-    )
-    return out.transpose(1, 2)
-
-
-def _repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, T, Hkv, D) -> (B, T, H, D), each key/value head repeated for the query heads that read it."""
-    return x if x.shape[2] == num_heads else x.repeat_interleave(num_heads // x.shape[2], dim=2)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Rotary embeddings
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin (T, head_dim) for integer ``positions`` (T,), computed in fp32 the way Hugging Face's LLaMA does
-    (so its checkpoints give the same numbers), then cast to ``dtype``. Computed per call, not kept as a buffer, so
-    that ``model.to(bfloat16)`` cannot round the frequencies."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
-    inv_freq = 1.0 / (theta**exponent)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([freqs, freqs], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, heads, D) by position: the two halves of the last dim are the pair (Hugging Face's layout,
-    which its checkpoints' q/k weights are permuted for)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -412,7 +298,8 @@ class WorldModelTransformer(nn.Module):
         vocabulary, a host sync on a GPU, unless ``rlvrw.ops.set_value_checks(False)``."""
         self._check_ids("ids", ids)
         positions = torch.arange(ids.shape[1], device=ids.device)
-        backend = resolve_attention_backend(self.attention_backend, ids.device, self._attention_dtype(ids.device))
+        backend = resolve_attention_backend(self.attention_backend, ids.device, self._attention_dtype(ids.device),
+                                            self.config.head_dim)
         hidden = self.model(ids, positions, self.config, backend)
         if not return_logits:
             return hidden
@@ -530,7 +417,7 @@ class WorldModelTransformer(nn.Module):
                              "call setup_cache(..., dtype=that dtype)")
         if cache.device != device:
             raise ValueError(f"the KV cache is on {cache.device} but the inputs are on {device}")
-        return resolve_attention_backend(self.attention_backend, device, compute)
+        return resolve_attention_backend(self.attention_backend, device, compute, self.config.head_dim)
 
     # ---- Hugging Face checkpoints ------------------------------------------------------------------------------------
     @classmethod
