@@ -173,7 +173,8 @@ def main() -> None:
     build, reason = cuda_extension_decision()
     # rlvrw.kernels comes from the top-level kernels/ folder (see rlvrw/kernels/__init__.py for why it is not there).
     # Named here, not found: an sdist has no rlvrw/kernels/__init__.py, so find_packages would drop the kernels.
-    packages = sorted(set(find_packages(where=HERE, include=["rlvrw", "rlvrw.*"])) | {"rlvrw.kernels"})
+    # rlvrw._csrc carries the CUDA sources into the wheel: rlvrw._C_cupy compiles them with NVRTC where _C is not built.
+    packages = sorted(set(find_packages(where=HERE, include=["rlvrw", "rlvrw.*"])) | {"rlvrw.kernels", "rlvrw._csrc"})
     setup(
         name="rlvrw",
         version=read_version(),
@@ -188,8 +189,8 @@ def main() -> None:
         classifiers=CLASSIFIERS,
         python_requires=">=3.10",
         packages=packages,
-        package_dir={"rlvrw": "rlvrw", "rlvrw.kernels": "kernels"},
-        package_data={"rlvrw": ["py.typed"]},
+        package_dir={"rlvrw": "rlvrw", "rlvrw.kernels": "kernels", "rlvrw._csrc": "csrc"},
+        package_data={"rlvrw": ["py.typed"], "rlvrw._csrc": ["*.cu", "*.cuh", "*.h", "ops.cpp"]},
         install_requires=INSTALL_REQUIRES,
         extras_require=EXTRAS_REQUIRE,
         entry_points={"console_scripts": ["rlvrw = rlvrw.cli:main"]},

@@ -105,26 +105,31 @@ def test_wheel_from_the_sdist_holds_rlvrw_kernels_and_py_typed(wheel):
     kernels = {f"rlvrw/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
     assert kernels <= set(names), f"the wheel lacks {sorted(kernels - set(names))}"
     assert "rlvrw/py.typed" in names and "rlvrw/ops/__init__.py" in names
+    # the CUDA sources that rlvrw._C_cupy compiles with NVRTC where the extension was not built
+    sources = {f"rlvrw/_csrc/{p.name}" for p in (ROOT / "csrc").iterdir() if p.suffix in CSRC_SUFFIXES}
+    assert sources <= set(names), f"the wheel lacks {sorted(sources - set(names))}"
     assert not [n for n in names if n.startswith(("kernels/", "csrc/", "tests/", "examples/"))]
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
 
 def test_installed_wheel_imports_its_own_kernels(wheel, tmp_path):
-    """Installed from the wheel (away from any checkout), rlvrw.kernels resolves to the wheel's copy of kernels/."""
+    """Installed from the wheel (away from any checkout), rlvrw.kernels resolves to the wheel's copy of kernels/ and
+    the CUDA sources for NVRTC to its copy of csrc/."""
     _, _, path = wheel
     target = tmp_path / "site"
     run = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target", str(target),
                           str(path)], env=BUILD_ENV, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    probe = ("import rlvrw, rlvrw.kernels.logprobs as k, rlvrw.ops as ops; "
-             "print(rlvrw.__file__); print(k.__file__); print(len(ops.group_advantages.__doc__ or ''))")
+    probe = ("import rlvrw, rlvrw.kernels.logprobs as k, rlvrw._nvrtc_source as s; "
+             "print(rlvrw.__file__); print(k.__file__); print(s.csrc_dir())")
     env = {**BUILD_ENV, "PYTHONPATH": str(target), "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    package_file, kernel_file, _ = run.stdout.split()
+    package_file, kernel_file, csrc = run.stdout.split()
     assert Path(package_file).is_relative_to(target)
     assert Path(kernel_file) == target / "rlvrw" / "kernels" / "logprobs.py"
+    assert Path(csrc) == target / "rlvrw" / "_csrc"
 
 
 def test_metadata_licence_readme_and_extras(wheel):
