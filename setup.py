@@ -58,7 +58,7 @@ EXTRAS_REQUIRE = {
     "flash-attn": ["flash-attn>=2.6,<3"],
     "xformers": ["xformers>=0.0.28,<0.1"],
     # GPU frame resizing in rlvrw.data.rt1.DaliClipLoader (else the DataLoader resizes on the CPU), and the CUDA
-    # kernels compiled at first use with NVRTC when rlvrw._C was not built (rlvrw.ops._cupy). Both ship one wheel per
+    # kernels compiled at first use with NVRTC when rlvrw._C was not built (rlvrw._C_cupy). Both ship one wheel per
     # CUDA major version: these are the CUDA 12 builds, which a CUDA 13 driver runs too (nvidia-dali-cuda130 and
     # cupy-cuda13x are their CUDA 13 twins). cupy's [ctk] brings NVRTC as wheels: no CUDA toolkit needed.
     "dali": ["nvidia-dali-cuda120>=1.40,<3"],

@@ -172,9 +172,7 @@ def split_items(text: str) -> list[Item]:
             i = start = close + 1
             continue
         i += 1
-    if _code(text[start:]).strip():
-        items.append(Item("other", text[start:]))
-    elif text[start:]:
+    if text[start:]:  # trailing whitespace and comments
         items.append(Item("other", text[start:]))
     return items
 
