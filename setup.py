@@ -44,19 +44,51 @@ INSTALL_REQUIRES = ["torch>=2.5", "triton", "numpy", "safetensors", "tqdm", "jso
 EXTRAS_REQUIRE = {
     "lang": LANG_REQUIRES,
     "sim": SIM_REQUIRES,
-    "train": ["tensorboard"],
-    "vllm": ["vllm"],
+    "train": ["tensorboard>=2.14,<3"],
+    "vllm": ["vllm>=0.10,<1"],
     "test": [
         "pytest", "pytest-benchmark", "scipy", "scikit-image", "pillow", "vector-quantize-pytorch", "tensorboard",
     ] + LANG_REQUIRES + SIM_REQUIRES,
-    "bench": ["pytest-benchmark", "liger-kernel", "vector-quantize-pytorch"],
+    "bench": ["pytest-benchmark>=4,<6", "liger-kernel>=0.8.5,<0.9", "vector-quantize-pytorch>=1.30,<2"],
+    # Integrations and accelerators, each optional with a tested fallback (tests/test_packaging_extras.py).
+    # rlvrw.integrations.verl / .trl plug the ops into these frameworks; rlvrw itself never imports them.
+    "verl": ["verl>=0.9.1,<0.10"],
+    "trl": ["trl>=1.16,<2"],
+    # The world model's attention: flash-attn, else xformers, else PyTorch's SDPA (rlvrw.models.transformer).
+    "flash-attn": ["flash-attn>=2.6,<3"],
+    "xformers": ["xformers>=0.0.28,<0.1"],
+    # GPU frame resizing in rlvrw.data.rt1.DaliClipLoader (else the DataLoader resizes on the CPU), and the CUDA
+    # kernels compiled at first use with NVRTC when rlvrw._C was not built (rlvrw._C_cupy). Both ship one wheel per
+    # CUDA major version: these are the CUDA 12 builds, which a CUDA 13 driver runs too (nvidia-dali-cuda130 and
+    # cupy-cuda13x are their CUDA 13 twins). cupy's [ctk] brings NVRTC as wheels: no CUDA toolkit needed.
+    "dali": ["nvidia-dali-cuda120>=1.40,<3"],
+    "cupy": ["cupy-cuda12x[ctk]>=14,<15"],
 }
+
+
+CLASSIFIERS = [
+    "Development Status :: 3 - Alpha",
+    "Intended Audience :: Science/Research",
+    "Intended Audience :: Developers",
+    "Operating System :: POSIX :: Linux",
+    "Programming Language :: Python :: 3",
+    "Programming Language :: Python :: 3 :: Only",
+    "Programming Language :: C++",
+    "Environment :: GPU :: NVIDIA CUDA",
+    "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    "Typing :: Typed",
+]
 
 
 def read_version() -> str:
     with open(os.path.join(HERE, "rlvrw", "__init__.py"), encoding="utf-8") as f:
         match = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", f.read(), re.M)
     return match.group(1) if match else "0.0.0"
+
+
+def read_readme() -> str:
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
 
 
 def find_nvcc() -> str | None:
@@ -139,15 +171,26 @@ def cuda_extension_kwargs(build: bool, reason: str) -> dict:
 
 def main() -> None:
     build, reason = cuda_extension_decision()
-    # rlvrw.kernels comes from the top-level kernels/ folder (see rlvrw/kernels/__init__.py for why it is not there)
-    packages = find_packages(where=HERE, include=["rlvrw", "rlvrw.*"])
+    # rlvrw.kernels comes from the top-level kernels/ folder (see rlvrw/kernels/__init__.py for why it is not there).
+    # Named here, not found: an sdist has no rlvrw/kernels/__init__.py, so find_packages would drop the kernels.
+    # rlvrw._csrc carries the CUDA sources into the wheel: rlvrw._C_cupy compiles them with NVRTC where _C is not built.
+    packages = sorted(set(find_packages(where=HERE, include=["rlvrw", "rlvrw.*"])) | {"rlvrw.kernels", "rlvrw._csrc"})
     setup(
         name="rlvrw",
         version=read_version(),
         description="Kernels and a thin trainer for world models trained with RL from verifiable rewards (RLVR-World)",
+        long_description=read_readme(),
+        long_description_content_type="text/markdown",
+        author="the rlvrw authors",
+        license_expression="Apache-2.0",
+        license_files=["LICENSE"],
+        project_urls={"Paper": "https://arxiv.org/abs/2505.13934"},
+        keywords=["reinforcement learning", "RLVR", "GRPO", "world models", "triton", "cuda", "kernels"],
+        classifiers=CLASSIFIERS,
         python_requires=">=3.10",
         packages=packages,
-        package_dir={"rlvrw": "rlvrw", "rlvrw.kernels": "kernels"},
+        package_dir={"rlvrw": "rlvrw", "rlvrw.kernels": "kernels", "rlvrw._csrc": "csrc"},
+        package_data={"rlvrw": ["py.typed"], "rlvrw._csrc": ["*.cu", "*.cuh", "*.h", "ops.cpp"]},
         install_requires=INSTALL_REQUIRES,
         extras_require=EXTRAS_REQUIRE,
         entry_points={"console_scripts": ["rlvrw = rlvrw.cli:main"]},

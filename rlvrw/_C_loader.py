@@ -1,8 +1,12 @@
 """Loads the optional CUDA extension ``rlvrw._C`` (built from ``csrc/`` by setup.py when a CUDA torch and nvcc are
 present). Importing the shared library registers the ops named in ``OPS`` under ``torch.ops.rlvrw``.
 
-``load()`` tries once and caches the answer; it never raises. When the extension is unavailable the reason is kept
-in ``LOAD_ERROR`` for reports (``rlvrw.ops`` then falls back to the Triton or reference backends).
+When the extension was not built, the same ops come from the same kernels compiled at first use with NVRTC through
+cupy (``rlvrw._C_cupy``, the ``cupy`` extra): the ``cuda`` backend is then served by them. ``BACKEND`` says which
+("extension" or "cupy").
+
+``load()`` tries once and caches the answer; it never raises. When neither is available the reasons are kept in
+``LOAD_ERROR`` for reports (``rlvrw.ops`` then falls back to the Triton or reference backends).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ OPS = (
 )
 
 LOAD_ERROR: str | None = None
+BACKEND: str | None = None
 _loaded: bool | None = None
 _lock = threading.Lock()
 
@@ -35,8 +40,9 @@ def _ops_registered() -> bool:
 
 
 def load() -> bool:
-    """Import ``rlvrw._C`` once; True when its ops are registered with torch. Never raises."""
-    global LOAD_ERROR, _loaded
+    """Import ``rlvrw._C`` (else register the cupy fallback) once; True when the ops are registered with torch.
+    Never raises."""
+    global BACKEND, LOAD_ERROR, _loaded
     if _loaded is not None:
         return _loaded
     with _lock:
@@ -57,6 +63,18 @@ def load() -> bool:
             error = error or f"{type(exc).__name__}: {exc}"
         if not ok and error is None:
             error = f"{EXTENSION} was imported but torch.ops.rlvrw.{'/'.join(OPS)} are not registered"
+        backend = "extension" if ok else None
+        if not ok:
+            try:
+                from rlvrw import _C_cupy
+
+                ok = _C_cupy.register() and _ops_registered()
+                fallback = _C_cupy.ERROR
+            except Exception as exc:  # torch itself not importable
+                ok, fallback = False, f"{type(exc).__name__}: {exc}"
+            backend = "cupy" if ok else None
+            error = f"{error}; the cupy fallback: {fallback}"
+        BACKEND = backend
         LOAD_ERROR = None if ok else error
         _loaded = ok
         return ok
@@ -74,6 +92,7 @@ def version_info() -> dict:
         info["path"] = spec.origin
     info["loaded"] = load()
     info["error"] = LOAD_ERROR
+    info["backend"] = BACKEND
     info["ops"] = list(OPS) if info["loaded"] else []
     try:
         import torch

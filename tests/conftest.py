@@ -13,7 +13,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# the small real samples that ship with the repository (sources and licences in its README.md)
+EXAMPLE_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 
 def pytest_collection_modifyitems(config, items):

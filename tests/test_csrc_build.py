@@ -260,7 +260,7 @@ def test_loader_never_raises():
     info = _C_loader.version_info()
     assert info["loaded"] is ok and info["extension"] == "rlvrw._C"
     if ok:
-        assert _C_loader.LOAD_ERROR is None and info["built"]
+        assert _C_loader.LOAD_ERROR is None and (info["built"] or info["backend"] == "cupy")
         assert hasattr(torch.ops.rlvrw, "logits_forward") and hasattr(torch.ops.rlvrw, "logits_backward_")
     else:
         assert isinstance(_C_loader.LOAD_ERROR, str) and _C_loader.LOAD_ERROR

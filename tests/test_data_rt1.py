@@ -1,4 +1,4 @@
-"""The episode reader: the shared real samples (RT-1 frames, BAIR frames with actions), the split, the action
+"""The episode reader: the real samples in examples/data (RT-1 frames, BAIR frames with actions), the split, the action
 statistics, clip sampling, and corrupt files."""
 
 import importlib.util
@@ -8,14 +8,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED
+from conftest import EXAMPLE_DATA
 
 from rlvrw.data import rt1
 from rlvrw.data.actions import ActionDiscretizer, ActionStats, compute_action_stats
 
-VIDEO = SHARED / "data" / "video"
-needs_samples = pytest.mark.skipif(not (VIDEO / "bair_sample.npz").exists(),
-                                   reason=f"the shared real samples are not at {VIDEO}")
+VIDEO = EXAMPLE_DATA / "video"
 
 
 def write_episode(root, name, num_frames, action_dims=2, actions=None, size=8):
@@ -32,8 +30,7 @@ def steps_of(item):
     return item["frames"][:, 0, 0, 0].tolist()
 
 
-# ---- the shared real samples ----------------------------------------------------------------------------------------
-@needs_samples
+# ---- the real samples ------------------------------------------------------------------------------------------------
 def test_bair_sample_clips_with_actions(tmp_path):
     shutil.copy(VIDEO / "bair_sample.npz", tmp_path)
     with np.load(VIDEO / "bair_sample.npz") as npz:
@@ -55,7 +52,6 @@ def test_bair_sample_clips_with_actions(tmp_path):
     assert batch["frames"].shape == (1, 5, 3, 64, 64) and batch["action_ids"].shape == (1, 5, 4)
 
 
-@needs_samples
 def test_fractal_sample_is_image_only(tmp_path):
     shutil.copy(VIDEO / "fractal_sample.npz", tmp_path)
     clips = rt1.EpisodeClips(tmp_path, split="all", clip_frames=rt1.MULTI_STEP_FRAMES, actions=False)
@@ -68,8 +64,7 @@ def test_fractal_sample_is_image_only(tmp_path):
         rt1.EpisodeClips(tmp_path, split="all")
 
 
-@needs_samples
-def test_shared_directory_reads_in_place():
+def test_sample_directory_reads_in_place():
     paths = rt1.list_episodes(VIDEO)
     assert [p.name for p in paths] == ["bair_sample.npz", "fractal_sample.npz"]
     assert rt1.load_episode(paths[1]).action is None

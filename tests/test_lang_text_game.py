@@ -5,16 +5,14 @@ import json
 
 import pytest
 
-from conftest import SHARED
+from conftest import EXAMPLE_DATA
 from rlvrw.lang import parsing, text_game
 
-SAMPLE = SHARED / "data" / "text_game" / "bytesized32_train_sample.jsonl"
+SAMPLE = EXAMPLE_DATA / "text_game" / "bytesized32_train_sample.jsonl"
 
 
 @pytest.fixture(scope="module")
 def records():
-    if not SAMPLE.exists():
-        pytest.skip(f"the ByteSized32 sample is absent ({SAMPLE})")
     loaded = text_game.load(str(SAMPLE))
     assert loaded.skipped == []
     return loaded.records

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED
+from conftest import EXAMPLE_DATA
 from rlvrw import ops
 from rlvrw.cli import main as rlvrw_main
 from rlvrw.lang import reward_pool, rollout, tasks, text_game, tiny_model, web
@@ -18,15 +18,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 train = pytest.importorskip("rlvrw.lang.train")
 
-SAMPLE = SHARED / "data" / "text_game" / "bytesized32_train_sample.jsonl"
-WEB_SAMPLE = SHARED / "data" / "web" / "sample_tao_annotated.json"
+SAMPLE = EXAMPLE_DATA / "text_game" / "bytesized32_train_sample.jsonl"
+WEB_SAMPLE = EXAMPLE_DATA / "web" / "sample_tao_annotated.json"
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def records():
-    if not SAMPLE.exists():
-        pytest.skip(f"the ByteSized32 sample is absent ({SAMPLE})")
     return text_game.load(str(SAMPLE)).records
 
 
@@ -295,7 +293,6 @@ def test_cli_eval_of_gold_and_saved_responses(short_records, tmp_path, capsys):
     assert "error: path must be an existing file" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not WEB_SAMPLE.exists(), reason=f"the WebArena sample is absent ({WEB_SAMPLE})")
 def test_web_task_trains_too(tmp_path):
     """One SFT step on web pages: long accessibility trees, so a tokenizer of their own and the shortest record."""
     records = sorted(web.load(str(WEB_SAMPLE)).records, key=lambda r: len(r["observation"]))[:1]

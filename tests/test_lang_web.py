@@ -6,16 +6,14 @@ import random
 import numpy as np
 import pytest
 
-from conftest import SHARED
+from conftest import EXAMPLE_DATA
 from rlvrw.lang import web
 
-SAMPLE = SHARED / "data" / "web" / "sample_tao_annotated.json"
+SAMPLE = EXAMPLE_DATA / "web" / "sample_tao_annotated.json"
 
 
 @pytest.fixture(scope="module")
 def records():
-    if not SAMPLE.exists():
-        pytest.skip(f"the WebArena sample is absent ({SAMPLE})")
     loaded = web.load(str(SAMPLE))
     assert loaded.skipped == []
     return loaded.records

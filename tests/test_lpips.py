@@ -1,9 +1,9 @@
 """rlvrw.models.LPIPS and rlvrw.weights: the lpips package's computation, the known answer with the real AlexNet
 weights, and where weights come from (explicit file, torchvision + lpips files, the converter's cache).
 
-The known-answer tests need the real weights (``rlvrw weights lpips`` puts them in the cache; install.sh runs it) and
-the example images in ../shared; they skip, saying which, when either is missing. Everything else uses random weights
-or small synthetic files.
+The known-answer tests need the real weights (``rlvrw weights lpips`` puts them in the cache; install.sh runs it),
+and skip, saying so, without them; their example images ship in examples/data/lpips. Everything else uses random
+weights or small synthetic files.
 """
 
 import hashlib
@@ -17,12 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SHARED
+from conftest import EXAMPLE_DATA
 from rlvrw import cli, weights
 from rlvrw.models import LPIPS
 from rlvrw.models import lpips as lpips_model
 
-EXAMPLES = SHARED / "data" / "lpips"
+EXAMPLES = EXAMPLE_DATA / "lpips"
 # torchvision's parameter counts of the ImageNet models' ``features`` (whole model minus classifier)
 TORCHVISION_FEATURE_PARAMS = {"alex": 2_469_696, "vgg": 14_714_688, "squeeze": 722_496}
 
@@ -36,8 +36,6 @@ def real_lpips(net: str) -> LPIPS:
 
 def example(name: str) -> torch.Tensor:
     """An example image as lpips' test_network.py loads it: RGB, scaled to [-1, 1], (1, 3, H, W)."""
-    if not EXAMPLES.is_dir():
-        pytest.skip(f"the LPIPS example images are not here ({EXAMPLES} is missing)")
     from PIL import Image
 
     pixels = np.asarray(Image.open(EXAMPLES / f"ex_{name}.png").convert("RGB"), dtype=np.float64)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED
+from conftest import EXAMPLE_DATA
 from rlvrw.eval import metrics
 from rlvrw.models import LPIPS
 
@@ -20,9 +20,7 @@ def skimage_ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def rt1_frames() -> torch.Tensor:
-    path = SHARED / "data" / "video" / "fractal_sample.npz"
-    if not path.is_file():
-        pytest.skip(f"the RT-1 sample frames are not here ({path} is missing)")
+    path = EXAMPLE_DATA / "video" / "fractal_sample.npz"
     return torch.from_numpy(np.load(path)["image"][:6]).permute(0, 3, 1, 2).double() / 255.0
 
 

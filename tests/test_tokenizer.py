@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SHARED
+from conftest import EXAMPLE_DATA
 
 from rlvrw import ops
 from rlvrw.models import CompressiveTokenizer, FrameTokenizer, checkpoints
@@ -14,13 +14,9 @@ from rlvrw.models.tokenizer import decoder_frames_per_batch
 from rlvrw.models.tokenizer_train import TrainConfig, clamp_where_saturated, evaluate, load_frames, train_tokenizer, \
     unstable_code_loss
 
-BAIR = SHARED / "data" / "video" / "bair_sample.npz"
+BAIR = EXAMPLE_DATA / "video" / "bair_sample.npz"
 SMALL = dict(channels=(32, 64, 64), num_groups=16, latent_channels=16)  # 64x64 frames -> 16x16 ids
 SMALL_COMPRESSIVE = dict(frame_size=(64, 64), **SMALL, attention_max_side=16)  # 16x16 context, 4x4 per future frame
-
-
-def needs(path):
-    return pytest.mark.skipif(not path.is_file(), reason=f"{path} is absent (the project's ../shared data)")
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +349,6 @@ def test_reference_layout_matches_diffusers_numerically():
 # ---- training on real frames -----------------------------------------------------------------------------------------
 
 
-@needs(BAIR)
 def test_overfits_a_handful_of_real_frames():
     """A small tokenizer learns 4 real BAIR frames (at 32x32, to fit a CPU minute with room to spare) far past the blur
     baseline: each 4x4 block's mean colour, upsampled, i.e. 48 floats where the tokenizer keeps one id."""
@@ -372,7 +367,6 @@ def test_overfits_a_handful_of_real_frames():
     assert result["psnr"] > result["blur_psnr"] + 5.0, result
 
 
-@needs(BAIR)
 def test_compressive_tokenizer_learns_real_clips():
     """A small compressive tokenizer trained on clips of 8 real BAIR frames (context first) codes each future frame in
     2x2 ids far better than the blur that keeps one number per id, and no worse than copying the context frame."""
@@ -499,7 +493,6 @@ def test_perceptual_loss_is_any_callable():
     assert all(-1.0 <= t <= 1.0 for _, t in calls)  # targets handed over in [-1, 1]
 
 
-@needs(BAIR)
 def test_cli_trains_and_writes_a_checkpoint(tmp_path):
     out = tmp_path / "tok.ckpt"
     cmd = [sys.executable, "-m", "rlvrw", "tokenizer", "--frames", str(BAIR), "--size", "32", "32",

@@ -1,7 +1,8 @@
 """Which implementation runs a call, and what is installed (for bug reports and bench results).
 
 Three backends implement the ops: ``reference`` (plain PyTorch, ``rlvrw.reference``), ``triton`` (``rlvrw.kernels``)
-and ``cuda`` (the C++ extension ``rlvrw._C``, for the ops listed in ``CUDA_OPS``). Per call:
+and ``cuda`` (the kernels of ``csrc/`` for the ops listed in ``CUDA_OPS``: the C++ extension ``rlvrw._C``, or where it
+was not built the same kernels compiled with NVRTC through cupy, ``rlvrw._C_cupy``). Per call:
 
 1. ``backend=`` given to the op wins; else the ``RLVRW_BACKEND`` environment variable; else automatic.
 2. Automatic: CPU tensors use ``reference``; CUDA tensors use ``cuda`` when the extension has the op and was measured
@@ -74,7 +75,8 @@ def resolve(
         elif not cuda_extension_loaded():
             from rlvrw import _C_loader
 
-            raise ValueError(f"{source}='cuda' but the extension rlvrw._C is not available: {_C_loader.LOAD_ERROR}")
+            raise ValueError(f"{source}='cuda' but neither rlvrw._C nor its cupy fallback is available: "
+                             f"{_C_loader.LOAD_ERROR}")
     if name == "triton" and device.type == "cpu" and not triton_interpreted():
         raise ValueError(
             f"{source}='triton' on CPU tensors needs TRITON_INTERPRET=1 set before rlvrw.kernels is imported"
@@ -132,6 +134,7 @@ def report() -> dict:
         "device": "cpu: " + (platform.processor() or platform.machine()),
         "cuda_extension": _C_loader.load(),
         "cuda_extension_error": _C_loader.LOAD_ERROR,
+        "cuda_backend": _C_loader.BACKEND,
         "backend_override": os.environ.get(ENV_VAR),
         "triton_interpret": triton_interpreted(),
     }
