@@ -38,6 +38,9 @@ CXX_FLAGS = ["-O3"]
 LANG_REQUIRES = ["transformers>=4.56", "peft>=0.13", "tokenizers>=0.20"]
 # Simulators that render robot manipulation on CPU: the embedded default dataset (rlvrw.data.sim).
 SIM_REQUIRES = ["gym-pusht>=0.1.8,<0.2", "metaworld>=3.1,<4"]
+# The RL frameworks whose GRPO losses rlvrw.ops.grpo_loss reproduces; the tests compare against their own functions.
+VERL_REQUIRES = ["verl>=0.9.1"]
+TRL_REQUIRES = ["trl>=1.16", "liger-kernel>=0.8.5"]
 INSTALL_REQUIRES = ["torch>=2.5", "triton", "numpy", "safetensors", "tqdm", "json-repair>=0.30"]
 # Ranges, as every library's requirements are. The test environment is pinned on top of these by
 # .ci/test-constraints.txt, which install.sh applies (re-resolve it with .ci/lock).
@@ -46,9 +49,12 @@ EXTRAS_REQUIRE = {
     "sim": SIM_REQUIRES,
     "train": ["tensorboard"],
     "vllm": ["vllm"],
+    "verl": VERL_REQUIRES,
+    "trl": TRL_REQUIRES,
     "test": [
-        "pytest", "pytest-benchmark", "scipy", "scikit-image", "pillow", "vector-quantize-pytorch", "tensorboard",
-    ] + LANG_REQUIRES + SIM_REQUIRES,
+        "pytest", "pytest-benchmark", "hypothesis", "scipy", "scikit-image", "pillow", "vector-quantize-pytorch",
+        "tensorboard",
+    ] + LANG_REQUIRES + SIM_REQUIRES + VERL_REQUIRES + TRL_REQUIRES,
     "bench": ["pytest-benchmark", "liger-kernel", "vector-quantize-pytorch"],
 }
 
