@@ -44,10 +44,21 @@ def _as_loadable(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# NaN stays NaN, as in torch.clamp / maximum / minimum (tl.minimum and tl.maximum may return the other operand); a
+# select on x != x rather than Triton's NaN-propagating min/max, which lower to instructions not every GPU has in fp64
 @triton.jit
 def _clamp(x, lo, hi):
-    # NaN stays NaN, as torch.clamp (tl.minimum / tl.maximum may return the other operand)
-    return tl.clamp(x, lo, hi, propagate_nan=tl.PropagateNan.ALL)
+    return tl.where(x != x, x, tl.minimum(tl.maximum(x, lo), hi))
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.where(a != a, a, tl.where(b != b, b, tl.maximum(a, b)))
+
+
+@triton.jit
+def _minimum(a, b):
+    return tl.where(a != a, a, tl.where(b != b, b, tl.minimum(a, b)))
 
 
 @triton.jit
@@ -136,7 +147,7 @@ def _grpo_token_loss_kernel(
         ratio_clipped = _clamp(ratio, ratio_lo, ratio_hi)
         loss_unclipped = neg_adv * ratio
         loss_clipped = neg_adv * ratio_clipped
-        pg = tl.maximum(loss_unclipped, loss_clipped, propagate_nan=tl.PropagateNan.ALL)
+        pg = _maximum(loss_unclipped, loss_clipped)
         # torch.maximum's gradient: all to the larger operand, half to each on a tie
         w_unclipped = tl.where(loss_unclipped > loss_clipped, one, tl.where(loss_unclipped < loss_clipped, zero, 0.5))
         w_clipped = one - w_unclipped
@@ -150,7 +161,7 @@ def _grpo_token_loss_kernel(
             # torch.minimum(pg, cap) with cap constant in lp
             w_pg = tl.where(pg < cap, one, tl.where(pg > cap, zero, 0.5))
             g_ratio = tl.where(negative, g_ratio * w_pg, g_ratio)
-            pg = tl.where(negative, tl.minimum(pg, cap, propagate_nan=tl.PropagateNan.ALL), pg)
+            pg = tl.where(negative, _minimum(pg, cap), pg)
             acc_dual += tl.where(dual_clipped, one, zero)
         if HAS_WEIGHTS:
             # rollout correction: constant weights on the policy term only
