@@ -6,7 +6,7 @@ packages' own functions):
 
 VERL 0.9.1 (``actor_rollout_ref.actor`` config, the arguments of its policy-loss functions)
   ``policy_loss.loss_mode`` vanilla / gspo         ``ratio_level="token"`` / ``"sequence"`` (GSPO: ``dual_clip=None``,
-                                                    ``log_ratio_clamp=10``)
+                                                    ``log_ratio_clamp=(-inf, 10)``)
   ``clip_ratio_low``, ``clip_ratio_high``           ``clip_low``, ``clip_high``
   ``clip_ratio_c`` (vanilla: always on, 3.0)        ``dual_clip``
   ``loss_agg_mode``                                 ``loss_agg`` (the same names)
@@ -25,11 +25,14 @@ TRL 1.16 ``GRPOConfig`` (and Liger 0.8.5's ``LigerFusedLinearGRPOLoss``, the sam
   ``"luspo"``                                       ``"seq-mean-token-sum"``, ``count_empty_seqs=True``
   (grpo, bnpo, dr_grpo, luspo divide by the gradient-accumulation steps: divide the loss, or multiply num_seqs /
   num_tokens by them)
-  ``epsilon``, ``epsilon_high``, ``delta``          ``clip_low``, ``clip_high``, ``dual_clip``
+  ``epsilon``, ``epsilon_high``, ``delta``          ``clip_low``, ``clip_high``, ``dual_clip`` (for delta > 1 + epsilon_high)
   ``beta``                                          ``kl_coef``, ``kl_type="k3"``, ``kl_clamp=inf``,
                                                     ``log_ratio_clamp=inf`` (TRL clamps neither)
   ``importance_sampling_level``                     ``ratio_level``
-  vLLM ``importance_sampling_ratio``                ``rollout_is_weights``
+  vLLM ``importance_sampling_ratio``                ``rollout_is_weights``; with ``ratio_level="sequence"`` per sequence
+                                                    only: for weights that vary along a sequence TRL differentiates the
+                                                    sequence ratio itself, VERL and rlvrw each token's own term (the
+                                                    same loss, another gradient)
   not here: cispo, sapo, vespo, ``use_bias_correction_kl``, ``top_entropy_quantile``, ``off_policy_mask_threshold``
 OpenRLHF ``PolicyLoss`` (0.11)
   ``clip_eps_low``, ``clip_eps_high``, ``dual_clip``  ``clip_low``, ``clip_high``, ``dual_clip``
