@@ -38,6 +38,9 @@ CXX_FLAGS = ["-O3"]
 LANG_REQUIRES = ["transformers>=4.56", "peft>=0.13", "tokenizers>=0.20"]
 # Simulators that render robot manipulation on CPU: the embedded default dataset (rlvrw.data.sim).
 SIM_REQUIRES = ["gym-pusht>=0.1.8,<0.2", "metaworld>=3.1,<4"]
+# The RL frameworks whose GRPO losses rlvrw.ops.grpo_loss reproduces; the tests compare against their own functions.
+VERL_REQUIRES = ["verl>=0.9.1,<0.10"]
+TRL_REQUIRES = ["trl>=1.16,<2", "liger-kernel>=0.8.5,<0.9"]
 INSTALL_REQUIRES = ["torch>=2.5", "triton", "numpy", "safetensors", "tqdm", "json-repair>=0.30"]
 # Ranges, as every library's requirements are. The test environment is pinned on top of these by
 # .ci/test-constraints.txt, which install.sh applies (re-resolve it with .ci/lock).
@@ -47,13 +50,14 @@ EXTRAS_REQUIRE = {
     "train": ["tensorboard>=2.14,<3"],
     "vllm": ["vllm>=0.10,<1"],
     "test": [
-        "pytest", "pytest-benchmark", "scipy", "scikit-image", "pillow", "vector-quantize-pytorch", "tensorboard",
-    ] + LANG_REQUIRES + SIM_REQUIRES,
+        "pytest", "pytest-benchmark", "hypothesis", "scipy", "scikit-image", "pillow", "vector-quantize-pytorch",
+        "tensorboard",
+    ] + LANG_REQUIRES + SIM_REQUIRES + VERL_REQUIRES + TRL_REQUIRES,
     "bench": ["pytest-benchmark>=4,<6", "liger-kernel>=0.8.5,<0.9", "vector-quantize-pytorch>=1.30,<2"],
     # Integrations and accelerators, each optional with a tested fallback (tests/test_packaging_extras.py).
     # rlvrw.integrations.verl / .trl plug the ops into these frameworks; rlvrw itself never imports them.
-    "verl": ["verl>=0.9.1,<0.10"],
-    "trl": ["trl>=1.16,<2"],
+    "verl": VERL_REQUIRES,
+    "trl": TRL_REQUIRES,
     # The world model's attention: flash-attn, else xformers, else PyTorch's SDPA (rlvrw.models.transformer).
     "flash-attn": ["flash-attn>=2.6,<3"],
     "xformers": ["xformers>=0.0.28,<0.1"],

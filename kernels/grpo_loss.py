@@ -19,13 +19,14 @@ the kernel, so float64 inputs get float64-exact constants, as in the reference.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-# kl_type -> the KL_TYPE constexpr of the kernel
-_KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3, "k1+": 4, "k3+": 5}
-_K3_VALUE_CLAMP = 10.0  # same bound as rlvrw.reference.grpo.K3_VALUE_CLAMP
+# kl_type -> the KL_TYPE constexpr of the kernel ("k2+" is k2: its straight-through gradient is its own)
+_KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3, "k1+": 4, "k3+": 5, "abs+": 6, "k2+": 1}
 _NUM_ROW_STATS = 6
 
 
@@ -43,15 +44,34 @@ def _as_loadable(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# NaN stays NaN, as in torch.clamp / maximum / minimum (tl.minimum and tl.maximum may return the other operand); a
+# select on x != x rather than Triton's NaN-propagating min/max, which lower to instructions not every GPU has in fp64
+@triton.jit
+def _clamp(x, lo, hi):
+    return tl.where(x != x, x, tl.minimum(tl.maximum(x, lo), hi))
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.where(a != a, a, tl.where(b != b, b, tl.maximum(a, b)))
+
+
+@triton.jit
+def _minimum(a, b):
+    return tl.where(a != a, a, tl.where(b != b, b, tl.minimum(a, b)))
+
+
 @triton.jit
 def _grpo_token_loss_kernel(
-    lp_ptr, old_ptr, adv_ptr, valid_ptr, ref_ptr, scale_ptr, dlp_ptr, stats_ptr,
+    lp_ptr, old_ptr, adv_ptr, valid_ptr, ref_ptr, w_ptr, scale_ptr, dlp_ptr, stats_ptr,
     B, T,
     stride_lp_b, stride_lp_t, stride_old_b, stride_old_t, stride_adv_b, stride_adv_t, stride_valid_b, stride_valid_t,
-    stride_ref_b, stride_ref_t, stride_scale, stride_dlp_b, stride_dlp_t,
-    ratio_lo_arg: "fp64", ratio_hi_arg: "fp64", clamp_arg: "fp64", dual_arg: "fp64", kl_coef_arg: "fp64",
+    stride_ref_b, stride_ref_t, stride_w_b, stride_w_t, stride_scale, stride_dlp_b, stride_dlp_t,
+    ratio_lo_arg: "fp64", ratio_hi_arg: "fp64", lr_lo_arg: "fp64", lr_hi_arg: "fp64", dual_arg: "fp64",
+    kl_coef_arg: "fp64", k3_lo_arg: "fp64", k3_hi_arg: "fp64", kl_clamp_arg: "fp64",
     HAS_REF: tl.constexpr, KL_GRAD: tl.constexpr, KL_TYPE: tl.constexpr, HAS_DUAL: tl.constexpr,
-    SEQ_RATIO: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, SEQ_RATIO: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -62,18 +82,22 @@ def _grpo_token_loss_kernel(
 
     zero = tl.zeros((BLOCK_B, BLOCK_T), dtype=cdt)
     one = zero + 1.0
-    c = tl.full((), clamp_arg, cdt)
+    lr_lo = tl.full((), lr_lo_arg, cdt)
+    lr_hi = tl.full((), lr_hi_arg, cdt)
     ratio_lo = tl.full((), ratio_lo_arg, cdt)
     ratio_hi = tl.full((), ratio_hi_arg, cdt)
     dual = tl.full((), dual_arg, cdt)
     kl_coef = tl.full((), kl_coef_arg, cdt)
-    k3_cap = tl.full((), 10.0, cdt)
+    k3_lo = tl.full((), k3_lo_arg, cdt)
+    k3_hi = tl.full((), k3_hi_arg, cdt)
+    kl_cap = tl.full((), kl_clamp_arg, cdt)
 
     lp_row = lp_ptr + rows64[:, None] * stride_lp_b
     old_row = old_ptr + rows64[:, None] * stride_old_b
     adv_row = adv_ptr + rows64[:, None] * stride_adv_b
     valid_row = valid_ptr + rows64[:, None] * stride_valid_b
     ref_row = ref_ptr + rows64[:, None] * stride_ref_b
+    w_row = w_ptr + rows64[:, None] * stride_w_b
     dlp_row = dlp_ptr + rows64[:, None] * stride_dlp_b
 
     row_scale = tl.load(scale_ptr + rows64 * stride_scale, mask=row_ok, other=0.0).to(cdt)
@@ -91,8 +115,8 @@ def _grpo_token_loss_kernel(
             acc_lr += lp - old
             acc_n += tl.where(valid, one, zero)
         seq_lr = tl.sum(acc_lr, axis=1) / tl.maximum(tl.sum(acc_n, axis=1), 1.0)
-        seq_in = (seq_lr >= -c) & (seq_lr <= c)
-        seq_ratio = tl.exp(tl.minimum(tl.maximum(seq_lr, -c), c))
+        seq_in = (seq_lr >= lr_lo) & (seq_lr <= lr_hi)
+        seq_ratio = tl.exp(_clamp(seq_lr, lr_lo, lr_hi))
         seq_dratio = tl.where(seq_in, seq_ratio, 0.0)
 
     acc_pg = zero
@@ -111,19 +135,19 @@ def _grpo_token_loss_kernel(
         adv = tl.load(adv_row + t[None, :] * stride_adv_t, mask=valid, other=0.0).to(cdt)
 
         log_ratio = lp - old
-        lr_clamped = tl.minimum(tl.maximum(log_ratio, -c), c)
+        lr_clamped = _clamp(log_ratio, lr_lo, lr_hi)
         if SEQ_RATIO:
             ratio = zero + seq_ratio[:, None]
             dratio = zero + seq_dratio[:, None]  # d ratio / d lp_t
         else:
             ratio = tl.exp(lr_clamped)
-            dratio = tl.where((log_ratio >= -c) & (log_ratio <= c), ratio, zero)
+            dratio = tl.where((log_ratio >= lr_lo) & (log_ratio <= lr_hi), ratio, zero)
 
         neg_adv = -adv
-        ratio_clipped = tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
+        ratio_clipped = _clamp(ratio, ratio_lo, ratio_hi)
         loss_unclipped = neg_adv * ratio
         loss_clipped = neg_adv * ratio_clipped
-        pg = tl.maximum(loss_unclipped, loss_clipped)
+        pg = _maximum(loss_unclipped, loss_clipped)
         # torch.maximum's gradient: all to the larger operand, half to each on a tie
         w_unclipped = tl.where(loss_unclipped > loss_clipped, one, tl.where(loss_unclipped < loss_clipped, zero, 0.5))
         w_clipped = one - w_unclipped
@@ -137,8 +161,13 @@ def _grpo_token_loss_kernel(
             # torch.minimum(pg, cap) with cap constant in lp
             w_pg = tl.where(pg < cap, one, tl.where(pg > cap, zero, 0.5))
             g_ratio = tl.where(negative, g_ratio * w_pg, g_ratio)
-            pg = tl.where(negative, tl.minimum(pg, cap), pg)
+            pg = tl.where(negative, _minimum(pg, cap), pg)
             acc_dual += tl.where(dual_clipped, one, zero)
+        if HAS_WEIGHTS:
+            # rollout correction: constant weights on the policy term only
+            w = tl.load(w_row + t[None, :] * stride_w_t, mask=valid, other=0.0).to(cdt)
+            pg = pg * w
+            g_ratio = g_ratio * w
         weight = tl.where(valid, zero + row_scale[:, None], zero)
         grad = weight * g_ratio * dratio
 
@@ -147,18 +176,18 @@ def _grpo_token_loss_kernel(
             d = lp - ref
             if KL_TYPE == 0 or KL_TYPE == 4:  # k1, k1+
                 kl = d
-            elif KL_TYPE == 1:  # k2
+            elif KL_TYPE == 1:  # k2 (k2+ is the same)
                 kl = 0.5 * (d * d)
-            elif KL_TYPE == 3:  # abs
+            elif KL_TYPE == 3 or KL_TYPE == 6:  # abs, abs+
                 kl = tl.abs(d)
             else:  # k3, k3+
-                neg_d = -d
-                kl_in = (neg_d >= -c) & (neg_d <= c)
-                kl_arg = tl.minimum(tl.maximum(neg_d, -c), c)
-                e = tl.exp(kl_arg)
-                raw = e - kl_arg - 1.0
-                kl = tl.minimum(tl.maximum(raw, -k3_cap), k3_cap)
-                k3_grad = tl.where(kl_in & (raw >= -k3_cap) & (raw <= k3_cap), 1.0 - e, zero)
+                x = _clamp(-d, k3_lo, k3_hi)
+                e = tl.exp(x)
+                raw = e - x - 1.0
+                kl = _clamp(raw, -kl_cap, kl_cap)
+                # autograd's clamp passes the gradient on the closed interval (so not at NaN)
+                x_in = (-d >= k3_lo) & (-d <= k3_hi)
+                k3_grad = tl.where(x_in & (raw >= -kl_cap) & (raw <= kl_cap), 1.0 - e, zero)
             acc_kl += tl.where(valid, kl, zero)
             if KL_GRAD:
                 if KL_TYPE == 0:
@@ -167,7 +196,7 @@ def _grpo_token_loss_kernel(
                     g_kl = k3_grad
                 elif KL_TYPE == 3:
                     g_kl = tl.where(d > 0, one, tl.where(d < 0, -one, zero))
-                else:  # k2 and the straight-through k1+ / k3+: the gradient of d^2 / 2
+                else:  # k2 and the straight-through k1+ / k3+ / abs+: the gradient of d^2 / 2
                     g_kl = d
                 grad += (kl_coef * weight) * g_kl
 
@@ -212,8 +241,11 @@ def grpo_token_loss(
     dual_clip: float | None,
     kl_coef: float,
     kl_type: str,
-    log_ratio_clamp: float,
+    log_ratio_bounds: tuple[float, float],
     sequence_ratio: bool,
+    kl_clamp: float = 10.0,
+    k3_bounds: tuple[float, float] = (-math.inf, math.inf),
+    rollout_is_weights: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     _config: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,8 +254,11 @@ def grpo_token_loss(
     logp (B, T) float32/float64 sets the compute dtype; old_logp, ref_logp (B, T) (ref_logp may be None) and
     advantages in any float dtype; advantages (B, T) may be an expanded view of per-sequence values (stride 0 along
     T) and a (B,) tensor is taken as per-sequence; valid (B, T), bool or any dtype (nonzero = valid); row_scale (B,)
-    the per-row aggregation weight (``aggregation_row_scale``). All strides are arbitrary (a unit token stride is
-    specialised by Triton, so contiguous rows cost nothing extra).
+    the per-row aggregation weight (``aggregation_row_scale``); rollout_is_weights (B, T), (B,) per sequence, or None,
+    multiply the policy term. All strides are arbitrary (a unit token stride is specialised by Triton, so contiguous
+    rows cost nothing extra). ``log_ratio_bounds`` clamp the policy log ratio; the k3 estimate clamps its exponent
+    -d to ``k3_bounds`` and its value to [-kl_clamp, kl_clamp] (``rlvrw.reference.grpo.k3_exponent_bounds``). NaN
+    at a valid position propagates as in the reference.
 
     Returns ``dlogp`` (B, T) in the compute dtype (written into ``out`` when given: (B, T), compute dtype, any
     strides), exactly 0 where not valid, and ``row_stats`` (B, 6) in the compute dtype, per row:
@@ -246,18 +281,25 @@ def grpo_token_loss(
     valid = _as_loadable(valid)
     has_ref = ref_logp is not None
     ref = ref_logp if has_ref else logp  # a placeholder pointer, never read
+    has_weights = rollout_is_weights is not None
+    weights = rollout_is_weights if has_weights else logp  # a placeholder pointer, never read
+    if weights.dim() == 1:
+        stride_w_b, stride_w_t = weights.stride(0), 0
+    else:
+        stride_w_b, stride_w_t = weights.stride()
     block_b, block_t, num_warps = _config or _token_loss_config(B, T, logp.element_size())
     grid = (triton.cdiv(B, block_b),)
     _grpo_token_loss_kernel[grid](
-        logp, old_logp, advantages, valid, ref, row_scale, out, row_stats,
+        logp, old_logp, advantages, valid, ref, weights, row_scale, out, row_stats,
         B, T,
         *logp.stride(), *old_logp.stride(), stride_adv_b, stride_adv_t, *valid.stride(), *ref.stride(),
-        row_scale.stride(0), *out.stride(),
-        1.0 - float(clip_low), 1.0 + float(clip_high), float(log_ratio_clamp),
+        stride_w_b, stride_w_t, row_scale.stride(0), *out.stride(),
+        1.0 - float(clip_low), 1.0 + float(clip_high), float(log_ratio_bounds[0]), float(log_ratio_bounds[1]),
         float(dual_clip) if dual_clip is not None else 0.0, float(kl_coef),
+        float(k3_bounds[0]), float(k3_bounds[1]), float(kl_clamp),
         HAS_REF=has_ref, KL_GRAD=has_ref and kl_coef != 0, KL_TYPE=_KL_CODES[kl_type],
-        HAS_DUAL=dual_clip is not None, SEQ_RATIO=bool(sequence_ratio), NUM_STATS=_NUM_ROW_STATS,
-        BLOCK_B=block_b, BLOCK_T=block_t, num_warps=num_warps,
+        HAS_DUAL=dual_clip is not None, HAS_WEIGHTS=has_weights, SEQ_RATIO=bool(sequence_ratio),
+        NUM_STATS=_NUM_ROW_STATS, BLOCK_B=block_b, BLOCK_T=block_t, num_warps=num_warps,
     )
     return out, row_stats
 
@@ -278,6 +320,16 @@ def _group_std(centered, G):
     return var, std
 
 
+@triton.jit
+def _group_centered(r, inb, G):
+    """``r - mean_g(r)`` per row (0 in padding lanes), exactly 0 in a row whose rewards are all equal (the mean of
+    equal floats can round away from them); NaN stays NaN, as in the reference."""
+    mean = tl.sum(r, axis=1) / G.to(r.dtype)
+    centered = tl.where(inb, r - mean[:, None], 0.0)
+    tied = tl.max(tl.where(inb, r, -float("inf")), axis=1) == tl.min(tl.where(inb, r, float("inf")), axis=1)
+    return tl.where(tied[:, None], centered - centered, centered)
+
+
 @triton.jit(do_not_specialize=["G"])
 def _group_advantages_kernel(
     r_ptr, adv_ptr, batch_ptr, n_groups, G, eps_arg: "fp64",
@@ -290,8 +342,7 @@ def _group_advantages_kernel(
     inb = (groups < n_groups)[:, None] & (cols < G)[None, :]
     offs = groups.to(tl.int64)[:, None] * G + cols[None, :]
     r = tl.load(r_ptr + offs, mask=inb, other=0.0).to(cdt)
-    mean = tl.sum(r, axis=1) / G.to(cdt)
-    centered = tl.where(inb, r - mean[:, None], 0.0)
+    centered = _group_centered(r, inb, G)
     if SCALE == 0:
         adv = centered
     else:
@@ -301,7 +352,8 @@ def _group_advantages_kernel(
             denom = std + eps
         else:
             denom = tl.load(batch_ptr).to(cdt) + tl.zeros((BLOCK_N,), dtype=cdt)  # std of the batch + eps
-        adv = centered / denom[:, None]
+        # a zero denominator (equal rewards with eps = 0) gives advantage 0
+        adv = tl.where(denom[:, None] > 0, centered / tl.where(denom > 0, denom, 1.0)[:, None], 0.0)
     tl.store(adv_ptr + offs, adv, mask=inb)
 
 
@@ -323,19 +375,20 @@ def _group_advantages_backward_kernel(
         g_centered = g
     elif SCALE == 1:
         eps = tl.full((), eps_arg, cdt)
-        mean = tl.sum(r, axis=1) / Gf
-        centered = tl.where(inb, r - mean[:, None], 0.0)
+        centered = _group_centered(r, inb, G)
         var, std = _group_std(centered, G)
         denom = std + eps
-        # adv = c / (s + eps), s = sqrt(sum c^2 / (G - 1)); s is a constant where the spread is 0
-        g_denom = -tl.sum(g * centered, axis=1) / (denom * denom)
+        safe = tl.where(denom > 0, denom, 1.0)
+        # adv = c / (s + eps), s = sqrt(sum c^2 / (G - 1)); s is a constant where the spread is 0, and the
+        # advantage a constant 0 where s + eps is 0
+        g_denom = -tl.sum(g * centered, axis=1) / (safe * safe)
         g_var = tl.where(var > 0, g_denom / (2.0 * tl.where(var > 0, std, 1.0)), 0.0)
         g_sq = g_var / tl.maximum(G - 1, 1).to(cdt)
-        g_centered = g / denom[:, None] + (2.0 * g_sq)[:, None] * centered
+        g_centered = tl.where(denom[:, None] > 0, g / safe[:, None] + (2.0 * g_sq)[:, None] * centered, 0.0)
     else:
         # batch_ptr: [std + eps, mean of all rewards, coefficient of (r - mean) from the batch std, its batch mean]
         denom = tl.load(batch_ptr)
-        g_centered = g / denom
+        g_centered = tl.where(denom > 0, g / tl.where(denom > 0, denom, 1.0), 0.0)
     g_centered = tl.where(inb, g_centered, 0.0)
     # backward of the centering r - mean_g(r)
     dr = g_centered - (tl.sum(g_centered, axis=1) / Gf)[:, None]
@@ -409,9 +462,12 @@ def group_advantages_backward(
         rf = rewards.to(cdt)
         mean, var, std, denom = _batch_std_plus_eps(rf, eps)
         g = grad_adv.to(cdt)
-        centered = rf.view(n_groups, group_size)
-        centered = (centered - centered.mean(dim=1, keepdim=True)).reshape(-1)
-        g_denom = -(g * centered).sum() / (denom * denom)
+        grouped = rf.view(n_groups, group_size)
+        centered = grouped - grouped.mean(dim=1, keepdim=True)
+        tied = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
+        centered = torch.where(tied, centered - centered, centered).reshape(-1)  # as _group_centered
+        safe = torch.where(denom > 0, denom, 1)
+        g_denom = -(g * centered).sum() / (safe * safe)
         g_var = torch.where(var > 0, g_denom / (2 * torch.where(var > 0, std, 1)), 0)
         coef = 2 * g_var / max(n - 1, 1)
         shift = (coef * (rf - mean)).mean()

@@ -84,19 +84,23 @@ def kernel_run(logp, old, adv, mask, refl, *, out=None, _config=None, **opts):
     """The kernel plus the little host-side glue rlvrw.ops adds: loss, stats, dlogp."""
     o = dict(
         clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3", loss_agg="token-mean",
-        num_tokens=None, num_seqs=None, norm_length=None, log_ratio_clamp=20.0, ratio_level="token",
+        num_tokens=None, num_seqs=None, norm_length=None, log_ratio_clamp=20.0, ratio_level="token", dp_size=1,
+        count_empty_seqs=False, kl_clamp=10.0, rollout_is_weights=None,
     )
     o.update(opts)
     valid = mask != 0
     cdt = torch.float64 if logp.dtype == torch.float64 else torch.float32
     lp = logp.to(cdt)
     B, T = lp.shape
-    row_scale = ref.aggregation_row_scale(valid, o["loss_agg"], o["num_tokens"], o["num_seqs"], o["norm_length"], cdt)
+    row_scale = ref.aggregation_row_scale(valid, o["loss_agg"], o["num_tokens"], o["num_seqs"], o["norm_length"], cdt,
+                                          o["dp_size"], o["count_empty_seqs"])
     adv2 = adv.unsqueeze(1).expand(B, T) if adv.dim() == 1 else adv
     dlogp, rows = K.grpo_token_loss(
         lp, old, adv2, valid, refl, row_scale,
         clip_low=o["clip_low"], clip_high=o["clip_high"], dual_clip=o["dual_clip"], kl_coef=o["kl_coef"],
-        kl_type=o["kl_type"], log_ratio_clamp=o["log_ratio_clamp"], sequence_ratio=o["ratio_level"] == "sequence",
+        kl_type=o["kl_type"], log_ratio_bounds=ref.log_ratio_bounds(o["log_ratio_clamp"]),
+        sequence_ratio=o["ratio_level"] == "sequence", kl_clamp=o["kl_clamp"],
+        k3_bounds=ref.k3_exponent_bounds(o["kl_clamp"]), rollout_is_weights=o["rollout_is_weights"],
         out=out, _config=_config,
     )
     assert dlogp.dtype == cdt and rows.dtype == cdt and rows.shape == (B, 6)
@@ -155,8 +159,9 @@ def test_loss_aggregations(loss_agg, per_token_adv):
     logp, old, adv, mask, refl = make_batch(5, 133, seed=7, per_token_adv=per_token_adv)
     check_against_reference(logp, old, adv, mask, refl, loss_agg=loss_agg, kl_coef=0.05, kl_type="k3+")
     # and the global-count variants (a micro-batch of a bigger batch)
-    extra = {"token-mean": {"num_tokens": 1000}, "seq-mean-token-sum": {"num_seqs": 16},
-             "seq-mean-token-mean": {"num_seqs": 16}, "seq-mean-token-sum-norm": {"norm_length": 256}}[loss_agg]
+    extra = {"token-mean": {"num_tokens": 1000, "dp_size": 4}, "token-sum": {"dp_size": 2},
+             "seq-mean-token-sum": {"num_seqs": 16}, "seq-mean-token-mean": {"num_seqs": 16, "dp_size": 3},
+             "seq-mean-token-sum-norm": {"norm_length": 256, "count_empty_seqs": True}}[loss_agg]
     check_against_reference(logp, old, adv, mask, None, loss_agg=loss_agg, dual_clip=2.5, **extra)
 
 
@@ -174,14 +179,18 @@ def test_without_ref_and_zero_kl_coef(ratio_level):
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
 def test_small_log_ratio_clamp(ratio_level):
     logp, old, adv, mask, refl = make_batch(6, 64, seed=11)
-    # exactly on the clamp 0.25: log-ratio +-0.25 and k3 argument ref - lp = +-0.25 (clamp's gradient is inclusive)
+    # exactly on the clamp 0.25: log-ratio +-0.25 (clamp's gradient is inclusive); the k3 estimate exactly on a
+    # small kl_clamp, and past it
     logp[:, 10:14] = -1.0
     old[:, 10], old[:, 11], refl[:, 12], refl[:, 13] = -1.25, -0.75, -0.75, -1.25
+    kl_clamp = math.exp(0.25) - 0.25 - 1  # k3 at ref - lp = 0.25
     for kl_type in ("k3", "k3+", "abs"):
         check_against_reference(
             logp, old, adv, mask, refl, log_ratio_clamp=0.25, kl_type=kl_type, kl_coef=0.3, dual_clip=1.5,
-            ratio_level=ratio_level,
+            ratio_level=ratio_level, kl_clamp=kl_clamp,
         )
+    check_against_reference(logp, old, adv, mask, refl, log_ratio_clamp=(-0.25, math.inf), kl_clamp=math.inf,
+                            kl_type="k3", kl_coef=0.3, ratio_level=ratio_level)
 
 
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
@@ -314,7 +323,7 @@ def test_valid_mask_from_expanded_and_int_mask():
         row_scale = ref.aggregation_row_scale(valid, "token-mean", dtype=cdt)
         dlogp, rows = K.grpo_token_loss(
             logp, old, a, m, refl, row_scale, clip_low=0.2, clip_high=0.2, dual_clip=None,
-            kl_coef=0.1, kl_type="k3", log_ratio_clamp=20.0, sequence_ratio=False,
+            kl_coef=0.1, kl_type="k3", log_ratio_bounds=(-20.0, 20.0), sequence_ratio=False,
         )
         torch.testing.assert_close(dlogp, r[2], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close((rows[:, 0] + 0.1 * rows[:, 1]).sum(), r[0], rtol=1e-10, atol=1e-12)
@@ -431,7 +440,7 @@ def test_empty_inputs():
     lp = torch.empty(0, 8, dtype=torch.float32)
     dlogp, rows = K.grpo_token_loss(
         lp, lp, lp, lp.bool(), None, torch.empty(0), clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0,
-        kl_type="k3", log_ratio_clamp=20.0, sequence_ratio=False,
+        kl_type="k3", log_ratio_bounds=(-20.0, 20.0), sequence_ratio=False,
     )
     assert dlogp.shape == (0, 8) and rows.shape == (0, 6)
 

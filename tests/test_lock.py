@@ -62,7 +62,7 @@ def test_lock_leaves_torch_to_install_sh():
     assert "-c \"$constraints\"" in install and ".ci/test-constraints.txt" in install
 
 
-@pytest.mark.parametrize("extra", ["lang", "sim"])
+@pytest.mark.parametrize("extra", ["lang", "sim", "verl", "trl"])
 def test_test_extra_includes_the_optional_extras_it_tests(extra):
     setup = setup_module_requirements()
     assert set(setup.EXTRAS_REQUIRE[extra]) <= set(setup.EXTRAS_REQUIRE["test"])

@@ -1,4 +1,5 @@
-"""rlvrw.ops GRPO family: the reference against VERL/TRL, and every backend against the reference in float64."""
+"""rlvrw.ops GRPO family: every backend against the reference in float64 (the reference against the peers' own code is
+tests/test_grpo_peers.py; bad inputs and edge cases are tests/test_ops_grpo_inputs.py)."""
 
 import itertools
 import math
@@ -10,8 +11,8 @@ import rlvrw.ops as ops
 from rlvrw import reference
 from rlvrw.reference import peers
 
-AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-KL_TYPES = ["k1", "k2", "k3", "abs", "k1+", "k3+"]
+AGGS = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+KL_TYPES = ["k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+"]
 
 
 def make_batch(B=4, T=37, dtype=torch.float64, device="cpu", spread=0.3, fully_masked_row=True):
@@ -47,69 +48,6 @@ def loss_and_grad(fn, batch, **opts):
     return loss.detach(), logp.grad, stats
 
 
-# ---- the reference agrees with VERL and TRL on clean inputs -------------------------------------------------------
-
-
-@pytest.mark.parametrize("agg", AGGS)
-@pytest.mark.parametrize("kl_type", KL_TYPES)
-def test_reference_matches_verl(agg, kl_type):
-    batch = make_batch(spread=1.0, fully_masked_row=False)  # VERL's seq-mean-token-mean divides 0 by 0 on an empty row
-    opts = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.05, kl_type=kl_type, loss_agg=agg)
-    loss, grad, stats = loss_and_grad(reference.grpo_loss, batch, **opts)
-
-    logp = batch["logp"].clone().requires_grad_(True)
-    adv = batch["advantages"][:, None].expand_as(logp)
-    pg, clipfrac, ppo_kl, clipfrac_lower = peers.verl_policy_loss_vanilla(
-        batch["old_logp"], logp, adv, batch["mask"], 0.2, 0.28, 3.0, agg
-    )
-    kl = peers.verl_agg_loss(peers.verl_kl_penalty(logp, batch["ref_logp"], kl_type), batch["mask"], agg)
-    verl_loss = pg + 0.05 * kl
-    verl_loss.backward()
-    torch.testing.assert_close(loss, verl_loss.detach(), rtol=1e-7, atol=1e-9)
-    torch.testing.assert_close(grad, logp.grad, rtol=1e-7, atol=1e-9)
-    torch.testing.assert_close(stats["pg_loss"], pg.detach(), rtol=1e-7, atol=1e-9)
-    torch.testing.assert_close(stats["kl"], kl.detach(), rtol=1e-7, atol=1e-9)
-    for ours, theirs in [("clip_frac", clipfrac), ("approx_kl", ppo_kl), ("clip_frac_lower", clipfrac_lower)]:
-        torch.testing.assert_close(stats[ours], theirs, rtol=1e-7, atol=1e-9)
-    assert stats["clip_frac"] > 0 and stats["clip_frac_lower"] > 0  # the clips were exercised
-
-
-def test_reference_matches_verl_gspo():
-    batch = make_batch(fully_masked_row=False)
-    loss, grad, stats = loss_and_grad(
-        reference.grpo_loss, batch, clip_low=3e-4, clip_high=4e-4, loss_agg="seq-mean-token-mean",
-        ratio_level="sequence",
-    )
-    logp = batch["logp"].clone().requires_grad_(True)
-    adv = batch["advantages"][:, None].expand_as(logp)
-    pg, _ = peers.verl_policy_loss_gspo(batch["old_logp"], logp, adv, batch["mask"], 3e-4, 4e-4)
-    pg.backward()
-    torch.testing.assert_close(loss, pg.detach(), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(grad, logp.grad, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_reference_matches_trl(loss_type):
-    batch = make_batch(fully_masked_row=False)
-    B, T = batch["logp"].shape
-    max_len, global_tokens = 64, 1000.0
-    options = {
-        "grpo": dict(loss_agg="seq-mean-token-mean"),
-        "bnpo": dict(loss_agg="token-mean"),
-        "dr_grpo": dict(loss_agg="seq-mean-token-sum-norm", norm_length=B * max_len),
-        "dapo": dict(loss_agg="token-mean", num_tokens=global_tokens),
-    }[loss_type]
-    loss, grad, _ = loss_and_grad(reference.grpo_loss, batch, clip_high=0.28, kl_coef=0.04, kl_type="k3", **options)
-    logp = batch["logp"].clone().requires_grad_(True)
-    trl = peers.trl_grpo_loss(
-        logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["mask"], beta=0.04,
-        epsilon_high=0.28, loss_type=loss_type, max_completion_length=max_len, num_items_in_batch=global_tokens,
-    )
-    trl.backward()
-    torch.testing.assert_close(loss, trl.detach(), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(grad, logp.grad, rtol=1e-9, atol=1e-12)
-
-
 # ---- backends against the reference --------------------------------------------------------------------------------
 
 OPTION_GRID = [
@@ -118,6 +56,14 @@ OPTION_GRID = [
         itertools.product(KL_TYPES, ["token-mean"], [3.0], ["token"]),
         itertools.product(["k3"], AGGS, [None, 3.0], ["token", "sequence"]),
     )
+] + [
+    dict(kl_coef=0.1, loss_agg="seq-mean-token-mean", count_empty_seqs=True),
+    dict(kl_coef=0.1, loss_agg="seq-mean-token-sum-norm", count_empty_seqs=True, norm_length=50),
+    dict(kl_coef=0.1, loss_agg="token-mean", num_tokens=200, dp_size=3),
+    dict(kl_coef=0.1, loss_agg="seq-mean-token-sum", num_seqs=9, dp_size=2),
+    dict(kl_coef=0.3, kl_clamp=math.inf, log_ratio_clamp=math.inf),  # TRL: no clamps
+    dict(kl_coef=0.3, kl_clamp=2.0, log_ratio_clamp=0.5),
+    dict(kl_coef=0.1, ratio_level="sequence", log_ratio_clamp=(-math.inf, 0.3)),  # VERL's GSPO clamp, hit
 ]
 
 
@@ -176,12 +122,14 @@ def test_micro_batches_with_global_normalizer_equal_one_big_batch(backend, agg, 
     device = "cpu" if backend == "reference" else kernel_device
     batch = make_batch(B=6, device=device)
     big_loss, big_grad, _ = loss_and_grad(ops.grpo_loss, batch, kl_coef=0.1, loss_agg=agg, backend=backend)
-    total = (batch["mask"] != 0).sum()  # a device tensor: no host sync needed to pass it
+    valid = batch["mask"] != 0
+    # device tensors: no host sync needed to pass them; the fully masked row is no sequence (as in VERL)
+    total, sequences = valid.sum(), valid.any(dim=1).sum()
     loss_sum, grads = 0.0, []
     for rows in (slice(0, 2), slice(2, 6)):
         part = {k: v[rows] for k, v in batch.items()}
         loss, grad, _ = loss_and_grad(
-            ops.grpo_loss, part, kl_coef=0.1, loss_agg=agg, backend=backend, num_tokens=total, num_seqs=6
+            ops.grpo_loss, part, kl_coef=0.1, loss_agg=agg, backend=backend, num_tokens=total, num_seqs=sequences
         )
         loss_sum, grads = loss_sum + loss, grads + [grad]
     torch.testing.assert_close(loss_sum, big_loss, rtol=1e-12, atol=1e-14)
@@ -290,58 +238,26 @@ def test_group_advantages_match_verl():
     torch.testing.assert_close(ops.group_advantages(rewards, 16), verl_style_advantages(rewards, 16))
 
 
-# ---- errors name the argument --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_group_advantages_of_tied_groups_are_zero_even_without_eps(backend, scale):
+    """Issue 17: eps=0 on a group whose rewards are all equal was 0/0 = NaN. 0.1 * 3 / 3 != 0.1 in floating point,
+    so the mean of a tied group can round away from its rewards: the group must still get exactly 0."""
+    rewards = torch.tensor([0.1, 0.1, 0.1, 1.0, 0.0, 2.5, 0.7, 0.7, 0.7], dtype=torch.float64)
+    r = rewards.clone().requires_grad_(True)
+    adv = ops.group_advantages(r, 3, eps=0.0, scale=scale, backend=backend)
+    assert torch.isfinite(adv).all() and (adv[:3] == 0).all() and (adv[6:] == 0).all() and (adv[3:6] != 0).all()
+    (adv * torch.arange(9.0, dtype=torch.float64)).sum().backward()
+    assert torch.isfinite(r.grad).all()
+    ref = rewards.clone().requires_grad_(True)
+    (reference.group_advantages(ref, 3, 0.0, scale) * torch.arange(9.0, dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(r.grad, ref.grad, rtol=1e-10, atol=1e-12)
+    everything_tied = ops.group_advantages(torch.full((6,), 0.3, dtype=torch.float64), 3, eps=0.0, scale=scale,
+                                           backend=backend)
+    assert (everything_tied == 0).all()
 
 
-@pytest.mark.parametrize(
-    "change, match",
-    [
-        (dict(old_logp=torch.zeros(4, 5)), "old_logp must have shape"),
-        (dict(mask=torch.ones(4, 36)), "mask must have shape"),
-        (dict(advantages=torch.zeros(3)), "advantages must have shape"),
-        (dict(ref_logp=None, kl_coef=0.1), "ref_logp is required"),
-        (dict(kl_type="k4"), "kl_type must be one of"),
-        (dict(loss_agg="mean"), "loss_agg must be one of"),
-        (dict(ratio_level="seq"), "ratio_level must be one of"),
-        (dict(clip_low=1.5), "clip_low must be in"),
-        (dict(dual_clip=1.0), "dual_clip must be None or > 1"),
-        (dict(log_ratio_clamp=0), "log_ratio_clamp must be > 0"),
-        (dict(kl_cof=0.1), "unknown option 'kl_cof'; did you mean 'kl_coef'"),
-        (dict(logp=torch.zeros(4, 37, dtype=torch.int64)), "logp must have dtype"),
-        (dict(backend="tpu"), "backend must be one of"),
-    ],
-)
-def test_grpo_loss_bad_input(change, match):
-    batch = make_batch()
-    args = {**batch, **change}
-    with pytest.raises(ValueError, match=match):
-        ops.grpo_loss(**args)
-
-
-def test_grpo_loss_from_logits_bad_input():
-    logits, tokens, batch = logits_batch()
-    mask = batch["mask"]
-    with pytest.raises(ValueError, match="tokens must have dtype in"):
-        ops.grpo_loss_from_logits(logits, tokens.float(), batch["old_logp"], batch["advantages"], mask)
-    bad = tokens.clone()
-    bad[0, 0] = 1000
-    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 1000\)"):
-        ops.grpo_loss_from_logits(logits, bad, batch["old_logp"], batch["advantages"], mask)
-    with pytest.raises(ValueError, match="temperature must be a number > 0"):
-        ops.grpo_loss_from_logits(logits, tokens, batch["old_logp"], batch["advantages"], mask, temperature=0)
-    with pytest.raises(ValueError, match="logits must be 3-D"):
-        ops.grpo_loss_from_logits(logits[0], tokens, batch["old_logp"], batch["advantages"], mask)
-
-
-def test_group_advantages_bad_input():
-    with pytest.raises(ValueError, match="group_size .* must divide"):
-        ops.group_advantages(torch.randn(10), 3)
-    with pytest.raises(ValueError, match="group_size must be an int"):
-        ops.group_advantages(torch.randn(10), 0)
-    with pytest.raises(ValueError, match="scale must be one of"):
-        ops.group_advantages(torch.randn(10), 5, scale="global")
-    with pytest.raises(ValueError, match="rewards must be 1-D"):
-        ops.group_advantages(torch.randn(2, 5), 5)
+# ---- module, rollout weights, entropy, the bench baselines -------------------------------------------------------
 
 
 def test_grpo_loss_module_matches_function():
@@ -350,3 +266,68 @@ def test_grpo_loss_module_matches_function():
     loss, _ = module(batch["logp"], batch["old_logp"], batch["advantages"], batch["mask"], ref_logp=batch["ref_logp"])
     expected, _ = ops.grpo_loss(**batch, kl_coef=0.1, dual_clip=3.0)
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("per_sequence_weights", [False, True])
+def test_rollout_is_weights_triton_matches_reference(level, per_sequence_weights, kernel_device):
+    batch = make_batch(device=kernel_device, spread=1.0)
+    B, T = batch["logp"].shape
+    shape = (B,) if per_sequence_weights else (B, T)
+    weights = torch.rand(shape, dtype=torch.float64, device=kernel_device) * 2
+    opts = dict(kl_coef=0.1, dual_clip=3.0, ratio_level=level, loss_agg="seq-mean-token-mean")
+    ref_loss, ref_grad, ref_stats = loss_and_grad(reference.grpo_loss, batch, rollout_is_weights=weights, **opts)
+    unweighted, _, _ = loss_and_grad(reference.grpo_loss, batch, **opts)
+    poisoned_weights = weights if per_sequence_weights else torch.where(batch["mask"] != 0, weights, math.nan)
+    loss, grad, stats = loss_and_grad(ops.grpo_loss, poison_masked(batch), rollout_is_weights=poisoned_weights,
+                                      backend="triton", **opts)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(stats["pg_loss"], ref_stats["pg_loss"], rtol=1e-10, atol=1e-12)
+    assert not torch.isclose(ref_loss, unweighted)  # the weights did something
+    # the weights multiply the policy term only
+    pg_only, _, _ = loss_and_grad(reference.grpo_loss, batch, rollout_is_weights=2 * weights, **opts)
+    torch.testing.assert_close(pg_only - ref_loss, ref_stats["pg_loss"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_entropy_from_the_fused_loss(backend, kernel_device):
+    """return_entropy: the entropy of softmax(logits / T) from the same pass, 0 where masked, differentiable."""
+    device = "cpu" if backend == "reference" else kernel_device
+    logits, tokens, batch = logits_batch(V=333, device=device)
+    args = (tokens, batch["old_logp"], batch["advantages"], batch["mask"], batch["ref_logp"], 0.7)
+    x = logits.clone().requires_grad_(True)
+    loss, stats, entropy = ops.grpo_loss_from_logits(x, *args, return_entropy=True, inplace_backward=False,
+                                                     backend=backend, kl_coef=0.05)
+    valid = batch["mask"] != 0
+    _, expected_entropy = reference.token_logprobs(logits, torch.where(valid, tokens, 0), 0.7, True)
+    torch.testing.assert_close(entropy, torch.where(valid, expected_entropy, 0), rtol=1e-12, atol=1e-12)
+    plain, _ = ops.grpo_loss_from_logits(logits.clone(), *args, backend=backend, kl_coef=0.05)
+    torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+    bonus = (entropy * torch.linspace(0.5, 1.5, entropy.numel(), dtype=entropy.dtype).view(entropy.shape)).sum()
+    (loss - 0.1 * bonus).backward()
+    y = logits.clone().requires_grad_(True)
+    ref_loss, _, ref_entropy = reference.grpo_loss_from_logits(y, *args, return_entropy=True, kl_coef=0.05)
+    ref_bonus = (ref_entropy * torch.linspace(0.5, 1.5, entropy.numel(), dtype=entropy.dtype).view(entropy.shape))
+    (ref_loss - 0.1 * ref_bonus.sum()).backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_bench_eager_baselines_compute_our_loss():
+    """bench/ times ``peers.verl_grpo_step_loss`` and ``peers.trl_grpo_step_loss`` as the eager way: the same loss."""
+    logits, tokens, batch = logits_batch(B=4, T=6, V=50)
+    batch["mask"][-1, 0] = 1  # no fully masked row: the eager baselines divide 0 by 0 there
+    tokens = torch.where(batch["mask"] != 0, tokens.clamp(min=0), 0)
+    adv = batch["advantages"]
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        eager = peers.verl_grpo_step_loss(logits, tokens, batch["old_logp"], batch["ref_logp"], adv[:, None],
+                                          batch["mask"], clip_high=0.28, kl_coef=0.05, loss_agg_mode=agg,
+                                          temperature=0.9)
+        ours, _ = ops.grpo_loss_from_logits(logits, tokens, batch["old_logp"], adv, batch["mask"], batch["ref_logp"],
+                                            0.9, clip_high=0.28, dual_clip=3.0, kl_coef=0.05, loss_agg=agg)
+        torch.testing.assert_close(eager.double(), ours, rtol=1e-6, atol=1e-7)  # the eager path is float32
+    eager = peers.trl_grpo_step_loss(logits, tokens, batch["old_logp"], batch["ref_logp"], adv, batch["mask"],
+                                     beta=0.05)
+    ours, _ = ops.grpo_loss_from_logits(logits, tokens, batch["old_logp"], adv, batch["mask"], batch["ref_logp"],
+                                        kl_coef=0.05, kl_clamp=math.inf, log_ratio_clamp=math.inf)
+    torch.testing.assert_close(eager.double(), ours, rtol=1e-6, atol=1e-7)

@@ -9,7 +9,14 @@ from rlvrw.ops._backend import format_report, report
 from rlvrw.ops._checks import set_value_checks
 from rlvrw.ops.fsq import fsq_codes_to_indices, fsq_dequantize, fsq_indices_to_codes, fsq_quantize
 from rlvrw.ops.group_norm_silu import group_norm_silu
-from rlvrw.ops.grpo import GRPOLoss, GRPOOptions, group_advantages, grpo_loss, grpo_loss_from_logits
+from rlvrw.ops.grpo import (
+    GRPOLoss,
+    GRPOOptions,
+    group_advantages,
+    grpo_loss,
+    grpo_loss_from_logits,
+    rollout_correction_weights,
+)
 from rlvrw.ops.logprobs import linear_token_logprobs, token_logprobs
 
 # Ops whose modules import more (LPIPS networks) load on first use. A lazy name must differ from its module's name:
@@ -39,6 +46,7 @@ __all__ = sorted(_LAZY) + [
     "grpo_loss_from_logits",
     "linear_token_logprobs",
     "report",
+    "rollout_correction_weights",
     "set_value_checks",
     "token_logprobs",
 ]

@@ -1,4 +1,5 @@
-"""Input checks shared by the ops: each raises ValueError naming the argument and what was expected.
+"""Input checks shared by the ops: each raises ValueError naming the argument and what was expected (for an argument
+of the wrong type ``ArgumentTypeError``, which is both a TypeError and a ValueError).
 
 Shape, dtype and option checks are free. Checks on values (token ids in range) need the data, which on a GPU means a
 host sync; they run unless ``set_value_checks(False)`` (or ``RLVRW_VALUE_CHECKS=0``), which a training loop that
@@ -8,8 +9,11 @@ must not sync uses once its inputs are known good. They are skipped during CUDA 
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 import os
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -53,22 +57,73 @@ def same_device(**tensors) -> torch.device:
     return first
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type. A TypeError, and a ValueError too, so that callers written against the
+    earlier checks (which raised ValueError for everything) still catch it."""
+
+
 def choice(name: str, value, choices) -> None:
-    if value not in choices:
+    if isinstance(value, bool) or value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def positive(name: str, value, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
+def boolean(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def number(
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = True,
+) -> float:
+    """``value`` must be a real number (not a bool, not a string), not NaN, finite unless ``finite=False``, and in
+    the interval given by ``low`` / ``high`` (closed unless ``low_open`` / ``high_open``). Returns it as a float."""
+    if not _is_real(value):
+        raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high:g}")
+    ok = not math.isnan(value) and (not finite or math.isfinite(value))
+    if low is not None:
+        ok = ok and (value > low if low_open else value >= low)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
     if not ok:
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        what = ("a finite number" if finite else "a number (not NaN)") + (" " + " and ".join(bounds) if bounds else "")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
 
 
-def integer(name: str, value, low: int = 1) -> None:
-    """``value`` must be an int (not a bool) >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        expected = "a positive int" if low == 1 else f"an int >= {low}"
+def positive(name: str, value, allow_zero: bool = False) -> float:
+    """A finite real number > 0 (>= 0 with ``allow_zero``)."""
+    return number(name, value, low=0, low_open=not allow_zero)
+
+
+def integer(name: str, value, low: int = 1, high: int | None = None) -> int:
+    """``value`` must be an int (not a bool; numpy integers are fine) in [low, high]."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        if high is not None:
+            expected = f"an int in [{low}, {high}]"
+        else:
+            expected = "a positive int" if low == 1 else f"an int >= {low}"
         raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return int(value)
 
 
 def no_unknown_options(function: str, unknown: dict, known) -> None:

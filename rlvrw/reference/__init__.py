@@ -23,6 +23,7 @@ from rlvrw.reference.grpo import (
     grpo_token_terms,
     group_advantages,
     kl_estimate,
+    rollout_correction_weights,
 )
 
 __all__ = [
@@ -44,5 +45,6 @@ __all__ = [
     "lpips_layer_distance",
     "normalize_channels",
     "rlvr_world_reward",
+    "rollout_correction_weights",
     "token_logprobs",
 ]
