@@ -52,6 +52,11 @@ def test_alone_our_folder_is_only_a_namespace_portion():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
-def test_transformers_hub_kernels_imports_from_the_root():
-    proc = run_from_root("import transformers.integrations.hub_kernels; import rlvrw.ops; print('ok')")
+def test_transformers_hub_kernels_imports_from_the_root(tmp_path):
+    code = "import transformers.integrations.hub_kernels; print('ok')"
+    elsewhere = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    if elsewhere.returncode != 0:
+        pytest.skip("transformers' hub_kernels does not import even away from the checkout (the installed transformers "
+                    "and Hugging Face kernels do not fit together): " + elsewhere.stderr.strip().splitlines()[-1])
+    proc = run_from_root(code + "; import rlvrw.ops")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
