@@ -48,12 +48,13 @@ from pathlib import Path
 
 import torch
 
-from rlvrw import files
+from rlvrw import files, usage
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.eval import metrics
 from rlvrw.models.tokenizer import CompressiveTokenizer
 from rlvrw.models.transformer import WorldModelTransformer
 from rlvrw.ops import _checks
+from rlvrw.rl import checkpoint
 from rlvrw.rl.config import RunConfig, config_command, option
 from rlvrw.rl.pretrain import clip_span, clip_times, encode_clips, episode_stream
 from rlvrw.rl.rollout import GroupSampler
@@ -102,6 +103,7 @@ class EvalConfig(RunConfig):
     device: str = option("auto", "auto, cpu or cuda")
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("context_frames", "predicted_frames", "frame_skip", "clip_stride", "action_bins", "group_size",
                      "prompts_per_batch"):
             _checks.integer(name, getattr(self, name))
@@ -116,16 +118,11 @@ class EvalConfig(RunConfig):
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
 
     def check_inputs(self) -> None:
-        """The files an evaluation reads must be named and exist."""
-        for name in ("model", "tokenizer", "episodes"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} is required")
-        if not (Path(self.model) / "config.json").is_file():
-            raise ValueError(f"model must be a model directory with config.json, got {self.model!r}")
-        if not Path(self.tokenizer).is_file():
-            raise ValueError(f"tokenizer must be a tokenizer checkpoint file, got {self.tokenizer!r}")
-        if not Path(self.episodes).is_dir():
-            raise ValueError(f"episodes must be a directory of episode files, got {self.episodes!r}")
+        """The files an evaluation reads must be named and exist, and ``out_dir`` be no file."""
+        usage.existing_dir("model", self.model, "a model directory with config.json", "config.json")
+        usage.existing_file("tokenizer", self.tokenizer, "a tokenizer checkpoint file")
+        usage.existing_dir("episodes", self.episodes, "a directory of episode files", "*.npz")
+        usage.output_dir("out_dir", self.out_dir)
 
 
 
@@ -326,7 +323,7 @@ def evaluate(config: EvalConfig) -> dict:
     config.check_inputs()
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(config.tokenizer, map_location=device).requires_grad_(False)
-    model = WorldModelTransformer.from_pretrained(config.model, device=device).eval()
+    model = checkpoint.load_model(config.model, "model", device=device).eval()
     clips = collect_clips(config, tokenizer, device)
     layout = clip_layout(config, tokenizer, clips)
     check_model_reads(model, layout, config.model)
