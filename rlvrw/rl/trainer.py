@@ -61,9 +61,12 @@ from torch.func import functional_call
 import rlvrw.ops as ops
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
+from rlvrw import usage
+from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard
 from rlvrw.ops import _checks
 from rlvrw.reference.grpo import ADVANTAGE_SCALES, KL_TYPES, LOSS_AGGS
 from rlvrw.rl import checkpoint, distributed
+from rlvrw.rl.checkpoint import RESUME_HELP
 from rlvrw.rl.config import RunConfig, config_command, option, print_summary
 from rlvrw.rl.logging import TENSORBOARD_CHOICES, RunLogger
 from rlvrw.rl.pretrain import (
@@ -148,14 +151,15 @@ class RLConfig(RunConfig):
     log_every: int = option(1, "log every this many steps (logging reads the metrics back: a host sync)")
     save_every: int = option(50, "checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = option(2, "checkpoints kept (older ones are deleted)")
-    resume: bool = option(True, "continue from the newest checkpoint in OUT/checkpoints (off: refuse to run "
-                                 "where one exists)")
+    resume: bool | None = option(None, RESUME_HELP)
+    on_nonfinite: str = option("stop", ON_NONFINITE_HELP, choices=ON_NONFINITE)
     stop_at_step: int = option(0, "end this run after this step, schedule unchanged (0: run all steps)")
     tensorboard: str = option("auto", "TensorBoard logs: auto (when installed), on or off",
                                choices=TENSORBOARD_CHOICES)
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.token_grid is not None:
             self.token_grid = tuple(self.token_grid)
             if len(self.token_grid) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
@@ -186,7 +190,7 @@ class RLConfig(RunConfig):
                               ("kl_type", KL_TYPES), ("loss_agg", LOSS_AGGS), ("adv_scale", ADVANTAGE_SCALES),
                               ("old_logp", OLD_LOGP_SOURCES), ("ref_dtype", tuple(REFERENCE_DTYPES)),
                               ("lpips_net", LPIPS_NETS), ("precision", PRECISIONS),
-                              ("tensorboard", TENSORBOARD_CHOICES)):
+                              ("tensorboard", TENSORBOARD_CHOICES), ("on_nonfinite", ON_NONFINITE)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if not isinstance(self.model_overrides, dict):
@@ -204,12 +208,14 @@ class RLConfig(RunConfig):
                     kl_coef=self.kl_coef, kl_type=self.kl_type, loss_agg=self.loss_agg)
 
     def check_inputs(self) -> None:
-        """The files a run reads must be named (the trainer alone, as tests build it, needs none)."""
-        for name in ("data", "tokenizer"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} is required: "
-                                 + ("a token cache (.npz or a directory)" if name == "data"
-                                    else "a tokenizer checkpoint from `rlvrw tokenizer`"))
+        """The files a run reads must exist, and ``out_dir`` be no file (the trainer alone, as tests build it, needs
+        none of them)."""
+        usage.existing_path("data", self.data, "a token cache: an .npz file or a directory of them", "*.npz")
+        usage.existing_file("tokenizer", self.tokenizer, "a tokenizer checkpoint from `rlvrw tokenizer`")
+        if self.init_from:
+            usage.existing_dir("init_from", self.init_from, "a model directory (config.json and model.safetensors)",
+                               "config.json")
+        usage.output_dir("out_dir", self.out_dir)
 
 
 
@@ -418,6 +424,7 @@ class GRPOTrainer:
         self.renderer = FrameRenderer(tokenizer, layout, config.token_grid, decode_dtype)
         self.response_positions = self.scorer.response_positions.to(device)
         self.loss_options = config.loss_options()
+        self.guard = NonFiniteGuard(config.on_nonfinite, "rl")
 
     def _sync_rollout_model(self) -> None:
         """Copy the policy's weights into the sampler's copy (in place: a captured CUDA graph reads these tensors)."""
@@ -450,7 +457,7 @@ class GRPOTrainer:
                 lpips = (-rewards - config.l1_weight * l1) / config.lpips_weight if config.lpips_weight else 0 * l1
                 advantages = ops.group_advantages(rewards, group, config.adv_eps, config.adv_scale)
             timer.mark("reward")
-            sums = self.update(rollout, advantages)
+            sums = self.update(rollout, advantages, step + 1)
             timer.mark("update")
         # float64: the std comes from E[r^2] - E[r]^2 over every rank, which cancels most of fp32's digits
         sums.update(reward=rewards.double().sum(), reward_sq=rewards.double().square().sum(), reward_l1=l1.sum(),
@@ -458,11 +465,12 @@ class GRPOTrainer:
                     samples=torch.full((), float(rewards.numel()), device=rewards.device))
         return sums, timer
 
-    def update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+    def update(self, rollout: Rollout, advantages: torch.Tensor, step: int | None = None) -> dict[str, torch.Tensor]:
         """The policy-gradient half of a step: the GRPO loss over micro-batches of this rank's rollouts, normalized
-        by the global token (or sequence) count, backward, gradient clipping, AdamW. advantages (n,). Returns the
-        loss terms' sums over micro-batches (each already divided by the global token count, so the sum over ranks
-        is the global mean) and ``grad_norm``."""
+        by the global token (or sequence) count, backward, gradient clipping, AdamW (through ``self.guard``: not
+        applied when a loss term or the gradient norm is not finite; ``step`` names the step in its report).
+        advantages (n,). Returns the loss terms' sums over micro-batches (each already divided by the global token
+        count, so the sum over ranks is the global mean) and ``grad_norm``."""
         config, device = self.config, self.context.device
         ids, world = rollout.ids, self.context.world_size
         rows, length = ids.shape[0], self.scorer.num_tokens
@@ -497,7 +505,8 @@ class GRPOTrainer:
                 sums["logp_gap"] += (logp.detach() - sampled_logp[part]).abs().sum() / global_tokens
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
-        self.optimizer.step()
+        self.guard.step(self.optimizer, step, loss=sums["loss"], pg_loss=sums["pg_loss"], kl=sums["kl"],
+                        grad_norm=grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums["grad_norm"] = grad_norm.detach()
@@ -573,6 +582,7 @@ def _train(config: RLConfig, context: distributed.DistributedContext) -> dict:
     start_step, found = checkpoint.start_or_resume(checkpoint_dir, out_dir, config, policy, trainer.optimizer,
                                                    trainer.scheduler, context.is_main)
     end_step = config.stop_at_step or config.steps
+    trainer.guard.skipped = checkpoint.skipped_steps(found)
 
     local_prompts = config.prompts_per_step // context.world_size
     rank_rows = slice(context.rank * local_prompts, (context.rank + 1) * local_prompts)
@@ -595,20 +605,23 @@ def _train(config: RLConfig, context: distributed.DistributedContext) -> dict:
             steps_since_log += 1
             done = step + 1
             if done % config.log_every == 0 or done == end_step:
+                trainer.guard.check()  # before the metrics are read: a stopped run logs no non-finite loss
                 metrics = reduce_metrics(sums, timer)  # waits for the device
                 elapsed = time.perf_counter() - log_start
                 metrics.update(lr=lr, tokens_per_s=sampled_tokens_per_step * steps_since_log / elapsed,
-                               step_time_s=elapsed / steps_since_log)
+                               step_time_s=elapsed / steps_since_log, nonfinite_skipped=trainer.guard.skipped)
                 run_log.log(done, metrics)
                 summary.update(step=done, reward_mean=metrics["reward_mean"])
                 steps_since_log, log_start = 0, time.perf_counter()
             if done % config.save_every == 0 or done == end_step:
                 state = {"config": config.to_dict(), "data": {"seed": config.seed, "next_step": done,
-                                                              "prompts_seen": done * config.prompts_per_step}}
+                                                              "prompts_seen": done * config.prompts_per_step},
+                         "nonfinite_skipped": trainer.guard.check()}
                 path = checkpoint.save_checkpoint(checkpoint_dir, done, policy, trainer.optimizer, trainer.scheduler,
                                                   state, keep_last=config.keep_checkpoints)
                 summary["checkpoint"] = str(path)
             run_log.advance()
+    summary["nonfinite_skipped"] = trainer.guard.check()
     if end_step == config.steps:
         summary["model_dir"] = str(checkpoint.save_model(out_dir / "model", policy))
     return summary
