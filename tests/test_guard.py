@@ -265,3 +265,24 @@ def test_tokenizer_training_with_a_nan_perceptual_loss(tmp_path, on_nonfinite):
     with pytest.raises(TrainingStopped, match="never saved"):
         save_tokenizer(model, tmp_path / "tok.safetensors")
     assert not (tmp_path / "tok.safetensors").exists()
+
+
+# ---- GPU -------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_the_fused_path_never_syncs_and_skips_on_the_device():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    params = [torch.randn(64, 32, device=device, requires_grad=True)]
+    optimizer = torch.optim.AdamW(params, lr=0.1, fused=True)
+    guard = NonFiniteGuard("skip", "rl")
+    params[0].grad = torch.randn_like(params[0])
+    guard.step(optimizer, 1, loss=torch.ones((), device=device), grad_norm=torch.ones((), device=device))  # warm up
+    torch.cuda.synchronize()
+    before = params[0].detach().clone()
+    params[0].grad = torch.full_like(params[0], NAN)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        guard.step(optimizer, 2, loss=torch.full((), NAN, device=device), grad_norm=torch.ones((), device=device))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(before, params[0]) and guard.check() == 1

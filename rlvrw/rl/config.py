@@ -19,6 +19,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Callable
 
+from rlvrw import usage
 from rlvrw.usage import ArgumentParser, UsageError, check_types, run_command
 
 # fields that may differ between a checkpoint and the run that resumes it
@@ -42,6 +43,16 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_token_cache(name: str, value) -> None:
+    """``value`` (the setting ``name``) names a token cache: a non-empty .npz file or a directory holding some."""
+    usage.existing_path(name, value, "a token cache: an .npz file or a directory of them", "*.npz")
+
+
+def check_model_dir(name: str, value) -> None:
+    """``value`` (the setting ``name``) names a model directory, with its config.json."""
+    usage.existing_dir(name, value, "a model directory (config.json and model.safetensors)", "config.json")
 
 
 def print_summary(summary: dict) -> None:

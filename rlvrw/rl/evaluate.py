@@ -55,7 +55,7 @@ from rlvrw.models.tokenizer import CompressiveTokenizer
 from rlvrw.models.transformer import WorldModelTransformer
 from rlvrw.ops import _checks
 from rlvrw.rl import checkpoint
-from rlvrw.rl.config import RunConfig, config_command, option
+from rlvrw.rl.config import RunConfig, check_model_dir, config_command, option
 from rlvrw.rl.pretrain import clip_span, clip_times, encode_clips, episode_stream
 from rlvrw.rl.rollout import GroupSampler
 from rlvrw.rl.trainer import LPIPS_NETS, FrameRenderer, load_lpips, mean_abs_error, repeated_frames, sampling_seed
@@ -119,7 +119,7 @@ class EvalConfig(RunConfig):
 
     def check_inputs(self) -> None:
         """The files an evaluation reads must be named and exist, and ``out_dir`` be no file."""
-        usage.existing_dir("model", self.model, "a model directory with config.json", "config.json")
+        check_model_dir("model", self.model)
         usage.existing_file("tokenizer", self.tokenizer, "a tokenizer checkpoint file")
         usage.existing_dir("episodes", self.episodes, "a directory of episode files", "*.npz")
         usage.output_dir("out_dir", self.out_dir)

@@ -85,7 +85,7 @@ from rlvrw import files, usage
 from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard
 from rlvrw.rl import checkpoint, distributed
 from rlvrw.rl.checkpoint import RESUME_HELP
-from rlvrw.rl.config import RunConfig, config_command, option, print_summary
+from rlvrw.rl.config import RunConfig, check_model_dir, check_token_cache, config_command, option, print_summary
 from rlvrw.rl.logging import TENSORBOARD_CHOICES, RunLogger
 
 logger = logging.getLogger(__name__)
@@ -655,13 +655,12 @@ class PretrainConfig(RunConfig):
     def check_inputs(self) -> None:
         """The files a run reads must exist (``rlvrw.usage``'s one-line errors), and ``out_dir`` be no file."""
         if self.data:
-            usage.existing_path("data", self.data, "a token cache: an .npz file or a directory of them", "*.npz")
+            check_token_cache("data", self.data)
         else:
             usage.existing_dir("episodes", self.episodes, "a directory of episode .npz files", "*.npz")
             usage.existing_file("tokenizer", self.tokenizer, "a tokenizer checkpoint from `rlvrw tokenizer`")
         if self.init_from:
-            usage.existing_dir("init_from", self.init_from, "a model directory (config.json and model.safetensors)",
-                               "config.json")
+            check_model_dir("init_from", self.init_from)
         usage.output_dir("out_dir", self.out_dir)
 
 

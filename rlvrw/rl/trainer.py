@@ -59,15 +59,15 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import rlvrw.ops as ops
-from rlvrw.data.sequences import SequenceLayout
-from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
 from rlvrw import usage
+from rlvrw.data.sequences import SequenceLayout
 from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard
+from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
 from rlvrw.ops import _checks
 from rlvrw.reference.grpo import ADVANTAGE_SCALES, KL_TYPES, LOSS_AGGS
 from rlvrw.rl import checkpoint, distributed
 from rlvrw.rl.checkpoint import RESUME_HELP
-from rlvrw.rl.config import RunConfig, config_command, option, print_summary
+from rlvrw.rl.config import RunConfig, check_model_dir, check_token_cache, config_command, option, print_summary
 from rlvrw.rl.logging import TENSORBOARD_CHOICES, RunLogger
 from rlvrw.rl.pretrain import (
     MODEL_SIZES,
@@ -210,11 +210,10 @@ class RLConfig(RunConfig):
     def check_inputs(self) -> None:
         """The files a run reads must exist, and ``out_dir`` be no file (the trainer alone, as tests build it, needs
         none of them)."""
-        usage.existing_path("data", self.data, "a token cache: an .npz file or a directory of them", "*.npz")
+        check_token_cache("data", self.data)
         usage.existing_file("tokenizer", self.tokenizer, "a tokenizer checkpoint from `rlvrw tokenizer`")
         if self.init_from:
-            usage.existing_dir("init_from", self.init_from, "a model directory (config.json and model.safetensors)",
-                               "config.json")
+            check_model_dir("init_from", self.init_from)
         usage.output_dir("out_dir", self.out_dir)
 
 
