@@ -48,8 +48,9 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     (root / "empty_dir").mkdir()
     (root / "empty.npz").write_bytes(b"")
     (root / "a_file").write_text("not a directory")
+    (root / "garbage.npz").write_bytes(b"not a zip archive")
     return {name: str(root / name) for name in ("tokens.npz", "episodes", "tok.safetensors", "frames.npz", "model",
-                                                "empty_dir", "empty.npz", "a_file")} | {
+                                                "empty_dir", "empty.npz", "a_file", "garbage.npz")} | {
         "missing": str(root / "missing"), "root": str(root)}
 
 
@@ -77,6 +78,12 @@ CASES = [
     ("pretrain missing --data", lambda i: ["pretrain", "--data", i["missing"]], ["data", "no such file"]),
     ("pretrain empty --data dir", lambda i: ["pretrain", "--data", i["empty_dir"]], ["data", "no *.npz"]),
     ("pretrain 0-byte --data", lambda i: ["pretrain", "--data", i["empty.npz"]], ["data", "empty"]),
+    ("pretrain garbage --data", lambda i: ["pretrain", "--data", i["garbage.npz"], "--out", i["root"] + "/g"],
+     ["garbage.npz", "no usable token cache file"]),
+    ("pretrain --action-bins below the cache's", lambda i: pretrain_args(i, "--action-bins", "4"),
+     ["action_bins holds ids up to 7", "[0, 4)"]),
+    ("pretrain --context-frames longer than the episodes", lambda i: pretrain_args(i, "--context-frames", "20"),
+     ["no episode of the token cache", "21 frames"]),
     ("pretrain missing --episodes",
      lambda i: ["pretrain", "--episodes", i["missing"], "--tokenizer", i["tok.safetensors"]], ["episodes", "no such"]),
     ("pretrain empty --episodes",
@@ -126,6 +133,8 @@ CASES = [
     ("rl --out on a file", lambda i: ["rl", "--data", i["tokens.npz"], "--tokenizer", i["tok.safetensors"], "--out",
                                       i["a_file"]], ["out_dir", "existing file"]),
     ("rl --lr inf", lambda i: rl_args(i, "--lr", "inf"), ["lr", "finite"]),
+    ("rl --token-grid that does not fit", lambda i: rl_args(i, "--token-grid", "3", "3"),
+     ["token grid (3, 3) does not hold the layout's 16 frame tokens"]),
     ("rl --kl-coef inf", lambda i: rl_args(i, "--kl-coef", "inf"), ["kl_coef", "finite"]),
     ("rl --temperature nan", lambda i: rl_args(i, "--temperature", "nan"), ["temperature", "finite"]),
     ("rl negative --group-size", lambda i: rl_args(i, "--group-size", "-2"), ["group_size", "positive"]),

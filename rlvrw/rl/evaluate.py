@@ -59,6 +59,7 @@ from rlvrw.rl.config import RunConfig, check_model_dir, config_command, option
 from rlvrw.rl.pretrain import clip_span, clip_times, encode_clips, episode_stream
 from rlvrw.rl.rollout import GroupSampler
 from rlvrw.rl.trainer import LPIPS_NETS, FrameRenderer, load_lpips, mean_abs_error, repeated_frames, sampling_seed
+from rlvrw.usage import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def collect_clips(config: EvalConfig, tokenizer, device: torch.device) -> EvalCl
         chw = episode_frames.permute(0, 3, 1, 2).contiguous()
         if multi:
             if tuple(chw.shape[-2:]) != tokenizer.frame_size:
-                raise ValueError(f"episodes {config.episodes!r} hold {tuple(chw.shape[-2:])} frames, but the "
+                raise UsageError(f"episodes {config.episodes!r} hold {tuple(chw.shape[-2:])} frames, but the "
                                  f"tokenizer codes {tokenizer.frame_size} frames (its frame_size)")
             context_ids, clip_ids = encode_clips(tokenizer, chw, times, device)
             contexts.append(context_ids)
@@ -191,7 +192,7 @@ def collect_clips(config: EvalConfig, tokenizer, device: torch.device) -> EvalCl
         episodes.append(torch.full((len(times),), index))
     if not frames:
         span = clip_span(clip_frames, config.frame_skip)
-        raise ValueError(f"episodes {config.episodes!r} has no {config.split!r} episode with the {span} frames a clip "
+        raise UsageError(f"episodes {config.episodes!r} has no {config.split!r} episode with the {span} frames a clip "
                          "needs")
     clips = EvalClips(torch.cat(frames), torch.cat(ids), torch.cat(actions),
                       torch.cat(contexts) if multi else None, torch.cat(episodes), grid)
@@ -212,7 +213,7 @@ def clip_layout(config: EvalConfig, tokenizer, clips: EvalClips) -> SequenceLayo
 def check_model_reads(model: WorldModelTransformer, layout: SequenceLayout, model_path: str) -> None:
     """The model's vocabulary and positions must hold the layout's sequences."""
     if model.config.vocab_size < layout.vocab_size or model.config.max_position_embeddings < layout.seq_len:
-        raise ValueError(f"model {model_path!r} (vocab {model.config.vocab_size}, "
+        raise UsageError(f"model {model_path!r} (vocab {model.config.vocab_size}, "
                          f"{model.config.max_position_embeddings} positions) cannot read these clips' {layout.mode} "
                          f"sequences (vocab {layout.vocab_size}, {layout.seq_len} tokens): are context_frames, "
                          "predicted_frames and the tokenizer the model's?")

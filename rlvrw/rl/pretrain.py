@@ -87,6 +87,7 @@ from rlvrw.rl import checkpoint, distributed
 from rlvrw.rl.checkpoint import RESUME_HELP
 from rlvrw.rl.config import RunConfig, check_model_dir, check_token_cache, config_command, option, print_summary
 from rlvrw.rl.logging import TENSORBOARD_CHOICES, RunLogger
+from rlvrw.usage import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def load_token_cache(path: str | Path) -> TokenCache:
     elif path.is_file():
         files = [path]
     else:
-        raise ValueError(f"path must be a token cache (.npz file or a directory of them), got {str(path)!r}")
+        raise UsageError(f"path must be a token cache (.npz file or a directory of them), got {str(path)!r}")
     parts, skipped = [], []
     for file in files:
         try:
@@ -250,7 +251,7 @@ def load_token_cache(path: str | Path) -> TokenCache:
             continue
         parts.append(part)
     if not parts:
-        raise ValueError(f"path {str(path)!r} holds no usable token cache file ({len(skipped)} skipped)")
+        raise UsageError(f"path {str(path)!r} holds no usable token cache file ({len(skipped)} skipped)")
     num_frames = max(part.frame_ids.shape[1] for part in parts)
     contexts = [part.context_ids for part in parts]
     return TokenCache(
@@ -364,7 +365,7 @@ def _tokenize_each(episodes: Iterable, tokenize: Callable, progress: bool) -> tu
             continue
         parts.append(part)
     if not parts:
-        raise ValueError(f"episodes held no usable episode ({skipped} skipped)")
+        raise UsageError(f"episodes held no usable episode ({skipped} skipped)")
     return parts, skipped
 
 
@@ -469,12 +470,12 @@ class ClipSampler:
         self.cache, self.layout, self.frame_skip, self.seed = cache, layout, frame_skip, seed
         self._check_ids()
         if cache.context_ids is not None and frame_skip != 1:
-            raise ValueError(f"frame_skip must be 1 for a multi-step cache (its rows are clips), got {frame_skip}")
+            raise UsageError(f"frame_skip must be 1 for a multi-step cache (its rows are clips), got {frame_skip}")
         self.span = (layout.num_frames - 1) * frame_skip + 1  # frames of an episode that one clip covers
         self.eligible = np.flatnonzero(cache.episode_lengths >= self.span)
         too_short = cache.num_episodes - self.eligible.size
         if self.eligible.size == 0:
-            raise ValueError(f"no episode of the token cache has the {self.span} frames a clip needs "
+            raise UsageError(f"no episode of the token cache has the {self.span} frames a clip needs "
                              f"({layout.num_frames} frames, frame_skip {frame_skip})")
         if too_short:
             logger.warning("%d of %d episodes are shorter than a clip (%d frames) and are never sampled",
@@ -488,7 +489,7 @@ class ClipSampler:
             ranges.append(("context_ids", cache.context_ids, layout.codebook_size))
         for name, array, upper in ranges:
             if int(array.max()) >= upper:
-                raise ValueError(f"token cache {name} holds ids up to {int(array.max())}, the layout allows "
+                raise UsageError(f"token cache {name} holds ids up to {int(array.max())}, the layout allows "
                                  f"[0, {upper})")
 
     def clips(self, step: int, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -522,7 +523,7 @@ def layout_for_cache(cache: TokenCache, context_frames: int, codebook_size: int,
         return SequenceLayout.single_step(cache.frame_tokens, context_frames, cache.action_dims, action_bins, codebook)
     predicted = int(cache.episode_lengths.min()) - context_frames
     if predicted < 1:
-        raise ValueError(f"a multi-step cache needs clips longer than context_frames ({context_frames}); its shortest "
+        raise UsageError(f"a multi-step cache needs clips longer than context_frames ({context_frames}); its shortest "
                          f"has {int(cache.episode_lengths.min())} frames")
     return SequenceLayout.multi_step(cache.context_ids.shape[1], cache.frame_tokens, context_frames, predicted,
                                      cache.action_dims, action_bins, codebook)
@@ -680,7 +681,7 @@ def build_world_model(config: PretrainConfig, layout: SequenceLayout) -> WorldMo
         model_config = WorldModelConfig.small(**sizes) if config.model == "small" else WorldModelConfig(**sizes)
         model = WorldModelTransformer(model_config, attention_backend=config.attention_backend)
     if model.config.vocab_size < layout.vocab_size or model.config.max_position_embeddings < layout.seq_len:
-        raise ValueError(f"the model (vocab {model.config.vocab_size}, {model.config.max_position_embeddings} "
+        raise UsageError(f"the model (vocab {model.config.vocab_size}, {model.config.max_position_embeddings} "
                          f"positions) cannot read the layout's sequences (vocab {layout.vocab_size}, "
                          f"{layout.seq_len} tokens)")
     return model

@@ -82,6 +82,7 @@ from rlvrw.rl.pretrain import (
     value_checks_off_on_gpu,
 )
 from rlvrw.rl.rollout import GroupSampler, Rollout
+from rlvrw.usage import UsageError
 
 
 OLD_LOGP_SOURCES = ("recompute", "rollout")
@@ -302,27 +303,27 @@ class FrameRenderer:
                  dtype: torch.dtype = torch.float32):
         self.tokenizer, self.layout, self.dtype = tokenizer, layout, dtype
         if not hasattr(tokenizer, "decode_fast") or not hasattr(tokenizer, "codebook_size"):
-            raise ValueError("tokenizer must be a FrameTokenizer or CompressiveTokenizer, got "
+            raise UsageError("tokenizer must be a FrameTokenizer or CompressiveTokenizer, got "
                              f"{type(tokenizer).__name__}")
         if tokenizer.codebook_size != layout.codebook_size:
-            raise ValueError(f"tokenizer's codebook ({tokenizer.codebook_size} codes) differs from the layout's "
+            raise UsageError(f"tokenizer's codebook ({tokenizer.codebook_size} codes) differs from the layout's "
                              f"({layout.codebook_size})")
         if layout.multi:
             if not hasattr(tokenizer, "future_grid"):
-                raise ValueError("a multi-step layout needs a CompressiveTokenizer (context and future grids)")
+                raise UsageError("a multi-step layout needs a CompressiveTokenizer (context and future grids)")
             self.context_grid, self.grid = tuple(tokenizer.context_grid), tuple(tokenizer.future_grid)
             if self.context_grid[0] * self.context_grid[1] != layout.context_tokens:
-                raise ValueError(f"tokenizer's context grid {self.context_grid} does not hold the layout's "
+                raise UsageError(f"tokenizer's context grid {self.context_grid} does not hold the layout's "
                                  f"{layout.context_tokens} context tokens")
         else:
             if hasattr(tokenizer, "future_grid"):
-                raise ValueError("a single-step layout needs a FrameTokenizer")
+                raise UsageError("a single-step layout needs a FrameTokenizer")
             side = math.isqrt(layout.frame_tokens)
             if token_grid is None and side * side != layout.frame_tokens:
-                raise ValueError(f"token_grid is required: {layout.frame_tokens} tokens per frame is not a square")
+                raise UsageError(f"token_grid is required: {layout.frame_tokens} tokens per frame is not a square")
             self.grid = tuple(token_grid) if token_grid is not None else (side, side)
         if self.grid[0] * self.grid[1] != layout.frame_tokens:
-            raise ValueError(f"token grid {self.grid} does not hold the layout's {layout.frame_tokens} frame tokens")
+            raise UsageError(f"token grid {self.grid} does not hold the layout's {layout.frame_tokens} frame tokens")
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
@@ -567,7 +568,7 @@ def _train(config: RLConfig, context: distributed.DistributedContext) -> dict:
     out_dir, device = Path(config.out_dir), context.device
     checkpoint_dir = out_dir / "checkpoints"
     if config.prompts_per_step % context.world_size:
-        raise ValueError(f"prompts_per_step ({config.prompts_per_step}) must be divisible by the number of processes "
+        raise UsageError(f"prompts_per_step ({config.prompts_per_step}) must be divisible by the number of processes "
                          f"({context.world_size}): every process rolls out whole groups of its own prompts")
     cache = load_token_cache(config.data)
     layout = layout_for_cache(cache, config.context_frames, config.codebook_size, config.action_bins)
