@@ -293,7 +293,7 @@ def test_cli_eval_of_gold_and_saved_responses(short_records, tmp_path, capsys):
     assert rlvrw_main(["lang", "eval", "--task", "text_game", "--data", str(data), "--responses", str(saved)]) == 0
     assert "unparseable: 4" in capsys.readouterr().out
     assert rlvrw_main(["lang", "eval", "--task", "web", "--data", str(tmp_path / "missing.json"), "--gold"]) == 2
-    assert "error: path must be an existing file" in capsys.readouterr().err
+    assert "error: --data: path must be an existing file" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not WEB_SAMPLE.exists(), reason=f"the WebArena sample is absent ({WEB_SAMPLE})")
