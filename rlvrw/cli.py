@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from rlvrw.usage import ArgumentParser, run_command
+
 SUBCOMMANDS = {
     "data": "rlvrw.data.sim",
     "weights": "rlvrw.weights",
@@ -38,7 +40,7 @@ def _report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlvrw", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="rlvrw", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("selfcheck", help="run every op on every backend here against the reference (the default)") \
         .set_defaults(func=_selfcheck)
@@ -56,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the subcommand ``argv`` names. Bad user input (``rlvrw.usage.UsageError``) is one line on stderr and exit
+    code 2, whichever subcommand finds it; other exceptions are bugs and keep their traceback."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0) if getattr(args, "func", None) else _selfcheck(args)
+    command = getattr(args, "func", None) or _selfcheck
+    names = [getattr(args, key, None) for key in ("command", "data_command", "lang_command")]
+    return run_command(" ".join(["rlvrw", *filter(None, names)]), lambda: command(args))
 
 
 if __name__ == "__main__":

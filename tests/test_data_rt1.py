@@ -204,3 +204,107 @@ def test_dali_loader_says_what_it_needs(tmp_path):
     clips = rt1.EpisodeClips(tmp_path, split="all", actions=False)
     with pytest.raises(ImportError, match="nvidia-dali"):
         rt1.DaliClipLoader(clips, batch_size=2)
+
+
+# ---- bad actions and missing arrays ----------------------------------------------------------------------------------
+def bad_arrays(kind: str) -> dict:
+    """The arrays of an episode file that is corrupt in the way ``kind`` names; its finite actions hold 1e6, so
+    they would show in the statistics if they reached them."""
+    image = np.zeros((6, 8, 8, 3), np.uint8)
+    actions = np.full((6, 2), 1e6, np.float32)
+    return {
+        "nan action": {"image": image, "action": np.where(np.eye(6, 2, dtype=bool), np.nan, actions)},
+        "inf action": {"image": image, "action": np.where(np.eye(6, 2, dtype=bool), -np.inf, actions)},
+        "string actions": {"image": image, "action": np.full((6, 2), "left")},
+        "more actions than frames": {"image": image, "action": np.full((7, 2), 1e6, np.float32)},
+        "fewer actions than frames": {"image": image, "action": actions[:5]},
+        "another action width": {"image": image, "action": np.full((6, 3), 1e6, np.float32)},
+        "image-only": {"image": image},
+        "no image": {"action": actions},
+        "1-D actions": {"image": image, "action": actions[:, 0]},
+    }[kind]
+
+
+BAD_KINDS = ["nan action", "inf action", "string actions", "more actions than frames", "fewer actions than frames",
+             "another action width", "image-only", "no image", "1-D actions"]
+BAD_WORDS = {"nan action": "non-finite", "inf action": "non-finite", "string actions": "must be real",
+             "more actions than frames": "7 actions for 6 frames", "fewer actions than frames": "5 actions for 6",
+             "another action width": "3-D actions, but the data set's are 2-D", "image-only": "image-only",
+             "no image": "no 'image' array", "1-D actions": "must be real (T, A)"}
+
+
+@pytest.fixture(params=BAD_KINDS)
+def dataset_with_a_bad_file(request, tmp_path):
+    """Four good episodes (ep0 is the test split's) and one bad one in the training split."""
+    for i in range(4):
+        write_episode(tmp_path, f"ep{i}.npz", 6)
+    bad = tmp_path / "ep4_bad.npz"
+    np.savez_compressed(bad, **bad_arrays(request.param))
+    return tmp_path, bad, request.param
+
+
+def test_bad_actions_and_missing_arrays_never_reach_the_statistics(dataset_with_a_bad_file, caplog):
+    root, bad, kind = dataset_with_a_bad_file
+    with caplog.at_level(logging.WARNING, logger="rlvrw.data.rt1"):
+        stats = rt1.dataset_action_stats(root, recompute=True)
+    assert stats.num_episodes == 3 and stats.high.tolist() == [5.0, 5.0]  # ep1..ep3, actions 0..5
+    assert str(bad) in caplog.text and BAD_WORDS[kind] in caplog.text
+    check = rt1.check_episodes(rt1.list_episodes(root))
+    assert list(check.corrupt) == [bad] and BAD_WORDS[kind] in check.corrupt[bad] and len(check.actions) == 4
+
+
+def test_training_readers_skip_and_count_a_bad_file(dataset_with_a_bad_file):
+    from rlvrw.rl.pretrain import episode_stream
+
+    root, bad, _ = dataset_with_a_bad_file
+    clips = rt1.EpisodeClips(root, split="all", clip_frames=3)
+    episodes = [int(clips[i]["episode"]) for i in range(len(clips))]
+    assert episodes == [0, 1, 2, 3, 0] and clips.skipped == [bad]  # the bad one's clip comes from the next readable
+    assert rt1.EpisodeClips(root, split="all", clip_frames=3).verify(progress=False) == [bad]
+    streamed = list(episode_stream(root))  # what pretrain tokenizes and eval scores
+    assert len(streamed) == 3 and all(bins.shape == (6, 2) for _, bins in streamed)
+
+
+def test_an_image_only_first_file_does_not_stop_a_data_set_with_actions(tmp_path):
+    np.savez_compressed(tmp_path / "a_image_only.npz", image=np.zeros((6, 8, 8, 3), np.uint8))
+    for i in range(3):
+        write_episode(tmp_path, f"ep{i}.npz", 6)
+    clips = rt1.EpisodeClips(tmp_path, split="all", clip_frames=2)
+    assert [int(clips[i]["episode"]) for i in range(4)] == [1, 1, 2, 3]
+    assert clips.skipped == [tmp_path / "a_image_only.npz"]
+
+
+def test_episode_file_headers_give_the_frame_count_without_decompressing(tmp_path):
+    np.savez_compressed(tmp_path / "a.npz", image=np.zeros((6, 8, 8, 3), np.uint8), action=np.zeros((4, 2)))
+    with pytest.raises(rt1.CorruptEpisodeError, match="4 actions for 6 frames"):
+        rt1.load_episode(tmp_path / "a.npz", image=False)
+
+
+def test_data_check_names_counts_and_exits_1(dataset_with_a_bad_file, capsys):
+    """`rlvrw data check` reads every array of every file: a bad file is named with its reason and counted, the
+    statistics it writes leave it out, and the exit code is 1 (it exited 0 for bad actions, or died on an image-only
+    file or another action width)."""
+    from rlvrw.cli import main
+
+    root, bad, kind = dataset_with_a_bad_file
+    assert main(["data", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "4 readable episode files, 1 corrupt" in out
+    assert f"  corrupt: {bad}" in out and BAD_WORDS[kind] in out
+    stats = ActionStats.load(root / rt1.STATS_FILE)
+    assert stats.num_episodes == 3 and stats.high.tolist() == [5.0, 5.0]
+
+
+def test_data_check_of_a_clean_data_set_exits_0(tmp_path, capsys):
+    from rlvrw.cli import main
+
+    for i in range(3):
+        write_episode(tmp_path, f"ep{i}.npz", 6)
+    assert main(["data", "check", str(tmp_path)]) == 0
+    assert "3 readable episode files, 0 corrupt" in capsys.readouterr().out
+    image_only = tmp_path / "frames_only"
+    image_only.mkdir()
+    np.savez_compressed(image_only / "a.npz", image=np.zeros((6, 8, 8, 3), np.uint8))
+    assert main(["data", "check", str(image_only)]) == 0  # an image-only data set is no corrupt one
+    out = capsys.readouterr().out
+    assert "1 readable episode files, 0 corrupt" in out and "action statistics" not in out

@@ -29,7 +29,7 @@ def test_write_directory_replaces_whole_or_not_at_all(tmp_path):
     target = tmp_path / "model"
     files.write_directory(target, lambda d: (d / "a.txt").write_text("one"))
     files.write_directory(target, lambda d: (d / "b.txt").write_text("two"))
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced, not merged
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt", files.MANIFEST_FILE]  # replaced, not merged
 
     def half_then_fail(d):
         (d / "c.txt").write_text("half")
@@ -37,7 +37,7 @@ def test_write_directory_replaces_whole_or_not_at_all(tmp_path):
 
     with pytest.raises(RuntimeError):
         files.write_directory(target, half_then_fail)
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt", files.MANIFEST_FILE]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 

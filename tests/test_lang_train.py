@@ -6,6 +6,7 @@ sync is checked here through ``merged_weights``, the tensors it loads.
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -290,7 +291,7 @@ def test_cli_eval_of_gold_and_saved_responses(short_records, tmp_path, capsys):
     assert rlvrw_main(["lang", "eval", "--task", "text_game", "--data", str(data), "--responses", str(saved)]) == 0
     assert "unparseable: 4" in capsys.readouterr().out
     assert rlvrw_main(["lang", "eval", "--task", "web", "--data", str(tmp_path / "missing.json"), "--gold"]) == 2
-    assert "error: path must be an existing file" in capsys.readouterr().err
+    assert "error: --data: path must be an existing file" in capsys.readouterr().err
 
 
 def test_web_task_trains_too(tmp_path):
@@ -340,3 +341,47 @@ def test_vllm_sampler_agrees_with_the_trainer_after_a_weight_sync(records, tmp_p
     with torch.no_grad():
         trainer_logp = train.response_logprobs(policy, batch)
     assert train.sampler_logprob_gap(out.sample_logprobs, trainer_logp, batch) < 0.05
+
+
+# ------------------------------------------------------------------------------------ non-finite and corrupt input
+@pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
+def test_a_non_finite_loss_is_never_an_update_nor_a_saved_model(model_dir, batch, tmp_path, on_nonfinite):
+    from rlvrw.guard import NonFiniteGuard
+    from rlvrw.usage import TrainingStopped
+
+    policy = lora_policy(model_dir)
+    with torch.no_grad():
+        next(p for n, p in policy.named_parameters() if "lora_A" in n)[0, 0] = float("nan")
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    guard = NonFiniteGuard(on_nonfinite, "sft")
+    if on_nonfinite == "stop":
+        with pytest.raises(TrainingStopped, match=r"sft step 4: loss, grad_norm not finite"):
+            train.sft_update(policy, optimizer, batch, micro_batch_size=2, max_grad_norm=1.0, guard=guard, step=4)
+    else:
+        stats = train.sft_update(policy, optimizer, batch, micro_batch_size=2, max_grad_norm=1.0, guard=guard)
+        assert guard.check() == 1 and not np.isfinite(stats["loss"])
+    for name, param in policy.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, before[name], rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(TrainingStopped, match="never saved"):
+        train.save_model(policy, train.load_tokenizer(model_dir), str(tmp_path / "saved"))
+    assert not (tmp_path / "saved").exists()
+
+
+def test_non_finite_settings_and_a_corrupt_model_are_named(model_dir, tmp_path):
+    from rlvrw.files import CorruptFileError
+
+    with pytest.raises(ValueError, match="lr must be a number > 0, got inf"):
+        train.SFTConfig(model=model_dir, out_dir=str(tmp_path), lr=float("inf"))
+    with pytest.raises(ValueError, match="temperature"):
+        train.GRPOConfig(model=model_dir, out_dir=str(tmp_path), temperature=float("nan"))
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        train.SFTConfig(model=model_dir, out_dir=str(tmp_path), on_nonfinite="ignore")
+    saved = tmp_path / "saved"
+    model = train.load_model(model_dir, CPU, torch.float32)
+    train.save_model(model, train.load_tokenizer(model_dir), str(saved))
+    weights = saved / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.raises(CorruptFileError, match=r"model\.safetensors: truncated"):
+        train.load_model(str(saved), CPU, torch.float32)

@@ -32,7 +32,11 @@ dict of tensors:
 Corrupt or truncated files are not fatal: a file that cannot be read, or that does not hold a valid episode, is
 logged with its path and the count of files skipped so far, and the clip comes from the next readable episode.
 ``EpisodeClips.verify`` reads every file up front, for a count before a long run. (Each DataLoader worker process
-keeps its own count.)
+keeps its own count.) Where actions are needed (clips with actions, the action statistics), a file is corrupt too when
+its actions are not finite numbers, when their count differs from its frames', when it has none (an image-only file
+in a data set with actions) or when their width differs from the data set's (the width most files have):
+``check_episodes`` sorts files into usable and corrupt, with the reason for each, and no corrupt file's actions ever
+reach ``action_stats.json``.
 
 Optional extras, not dependencies: ``convert_rlds`` turns an Open X-Embodiment RLDS data set into episodes (needs
 ``tensorflow_datasets``); ``DaliClipLoader`` resizes clips on the GPU with NVIDIA DALI (needs ``nvidia-dali``).
@@ -52,6 +56,7 @@ from tqdm.auto import tqdm
 
 from rlvrw.data.actions import ActionDiscretizer, ActionStats, compute_action_stats
 from rlvrw import files
+from rlvrw.usage import MissingDependencyError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +79,7 @@ RT1_ACTION_KEYS = (
 )
 
 
-class CorruptEpisodeError(ValueError):
+class CorruptEpisodeError(UsageError):
     """An episode file that cannot be read, or that does not hold a valid episode. The message names the file."""
 
 
@@ -148,12 +153,23 @@ def _as_actions(action: np.ndarray, num_frames: int | None, path: Path) -> np.nd
     return action.astype(np.float32)
 
 
+def _stored_shape(npz, key: str) -> tuple[int, ...]:
+    """The shape of array ``key`` of an open npz file, from its header: nothing is decompressed past it."""
+    with npz.zip.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        return tuple(read_header(f)[0])
+
+
 def load_episode(path: str | Path, *, image_key: str = IMAGE_KEY, image: bool = True,
                  action: bool = True) -> Episode:
-    """Read an episode file; with ``image=False`` the frames are not decompressed (``Episode.image`` is None).
+    """Read an episode file; with ``image=False`` the frames are not decompressed (``Episode.image`` is None; their
+    count still comes from the array's header).
 
     ``Episode.action`` is None when the file has no actions or ``action=False``. Raises ``CorruptEpisodeError``
-    (naming the file) when the file cannot be read or its arrays are not a valid episode.
+    (naming the file) when the file cannot be read or its arrays are not a valid episode: among them, actions that
+    are not finite real numbers or whose count differs from the frames'.
     """
     path = Path(path)
     try:
@@ -161,21 +177,74 @@ def load_episode(path: str | Path, *, image_key: str = IMAGE_KEY, image: bool = 
             if image_key not in npz.files:
                 raise CorruptEpisodeError(f"{path}: no {image_key!r} array (it has {sorted(npz.files)})")
             frames = _as_frames(npz[image_key], path) if image else None
+            num_frames = frames.shape[0] if image else _stored_shape(npz, image_key)[0]
             actions = npz[ACTION_KEY] if action and ACTION_KEY in npz.files else None
     except CorruptEpisodeError:
         raise
     except Exception as err:  # any failure to read the file (bad zip, truncated member, bad header) is corruption
         raise CorruptEpisodeError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
     if actions is not None:
-        actions = _as_actions(actions, None if frames is None else frames.shape[0], path)
+        actions = _as_actions(actions, num_frames, path)
     return Episode(frames, actions)
+
+
+@dataclass
+class EpisodeCheck:
+    """What ``check_episodes`` found: ``actions`` of each usable file (None for an image-only data set),
+    ``corrupt`` {path: why} of the others, the data set's ``action_dims`` (None without actions), and the readable
+    files without actions (``image_only``; corrupt where actions are needed)."""
+
+    actions: dict[Path, np.ndarray | None]
+    corrupt: dict[Path, str]
+    action_dims: int | None
+    image_only: list[Path]
+
+
+def check_episodes(paths: Iterable[Path], *, image: bool = True, actions: bool | None = None,
+                   image_key: str = IMAGE_KEY, progress: bool = False) -> EpisodeCheck:
+    """Read every episode file of ``paths`` (frames decompressed and checked with ``image``) and sort them into
+    usable and corrupt, each corrupt one logged with its reason and the count so far.
+
+    ``actions``: True, every usable file must have actions, of the data set's width (the width most files have;
+    among equals, the first file's); None, the same when any readable file has actions, else an image-only data set
+    where actions are not read; False, actions are not read. A file is corrupt when it cannot be read, does not hold
+    a valid episode (``load_episode``), or, with actions, has none or another width."""
+    paths = list(paths)
+    read: dict[Path, np.ndarray | None] = {}
+    corrupt: dict[Path, str] = {}
+
+    def mark(path: Path, why: str) -> None:
+        corrupt[path] = why
+        logger.warning("skipping corrupt episode file %s (%d skipped so far)", why, len(corrupt))
+
+    for path in tqdm(paths, desc="checking episodes", unit="episode", disable=not progress):
+        try:
+            read[path] = load_episode(path, image_key=image_key, image=image, action=actions is not False).action
+        except CorruptEpisodeError as err:
+            mark(path, str(err))
+    with_actions = [a for a in read.values() if a is not None]
+    image_only = [path for path, action in read.items() if action is None]
+    if actions is False or (actions is None and not with_actions):
+        return EpisodeCheck({path: None for path in read}, corrupt, None, image_only)
+    widths = [a.shape[1] for a in with_actions]
+    width = max(widths, key=widths.count) if widths else None  # the first of the most common
+    usable = {}
+    for path, action in read.items():
+        if action is None:
+            mark(path, f"{path}: no {ACTION_KEY!r} array (an image-only episode in a data set with actions)")
+        elif action.shape[1] != width:
+            mark(path, f"{path}: {action.shape[1]}-D actions, but the data set's are {width}-D")
+        else:
+            usable[path] = action
+    return EpisodeCheck(usable, dict(sorted(corrupt.items())), width, image_only)
 
 
 def list_episodes(root: str | Path) -> list[Path]:
     """The episode files (``*.npz``) directly in ``root``, sorted by name."""
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"root must be a directory of episode files, got {str(root)!r}")
+        raise UsageError(f"root must be a directory of episode files, got {str(root)!r}"
+                         + (" (a file)" if root.exists() else " (no such directory)"))
     return sorted(path for path in root.glob("*.npz") if path.is_file())
 
 
@@ -191,41 +260,42 @@ def split_episodes(paths: Sequence[Path], split: str, test_every: int = TEST_EVE
     return [path for i, path in enumerate(paths) if (i % test_every == 0) == want_test]
 
 
-def _missing_actions(path: Path) -> ValueError:
-    return ValueError(
+def _missing_actions(path: Path, image_only_dataset: bool = True) -> UsageError:
+    if not image_only_dataset:
+        return CorruptEpisodeError(f"{path}: no {ACTION_KEY!r} array (an image-only episode in a data set with "
+                                   "actions)")
+    return UsageError(
         f"episode {path} has no {ACTION_KEY!r} array, but world-model clips and action statistics need actions "
         "(image-only episodes serve tokenizer training: use EpisodeClips(..., actions=False))"
     )
 
 
 # ---- action statistics ----------------------------------------------------------------------------------------------
-def _training_actions(paths: Iterable[Path], skipped: list[Path], progress: bool) -> Iterable[np.ndarray]:
-    for path in tqdm(list(paths), desc="action statistics", unit="episode", disable=not progress):
-        try:
-            episode = load_episode(path, image=False)
-        except CorruptEpisodeError as err:
-            skipped.append(path)
-            logger.warning("skipping corrupt episode file %s (%d skipped so far)", err, len(skipped))
-            continue
-        if episode.action is None:
-            raise _missing_actions(path)
-        yield episode.action
-
-
 def dataset_action_stats(root: str | Path, *, recompute: bool = False, test_every: int = TEST_EVERY,
-                         progress: bool = False) -> ActionStats:
+                         progress: bool = False, check: EpisodeCheck | None = None) -> ActionStats:
     """The action statistics of the episodes in ``root``: read from ``root/action_stats.json``, or computed from
-    the training split (corrupt files skipped, logged and counted) and written there."""
+    the training split and written there. Only usable files count (``check_episodes``; corrupt ones, image-only
+    ones and ones of another action width are skipped, logged and counted); ``check``: the result of a
+    ``check_episodes`` over the training split (or more) already made, instead of reading the files again."""
     root = Path(root)
     stats_path = root / STATS_FILE
     if stats_path.exists() and not recompute:
         return ActionStats.load(stats_path)
     train = split_episodes(list_episodes(root), "train", test_every)
     if not train:
-        raise ValueError(f"root {str(root)!r} has no training episodes to compute action statistics from (every "
+        raise UsageError(f"root {str(root)!r} has no training episodes to compute action statistics from (every "
                          f"{test_every}th file, the first included, is a test episode)")
-    skipped: list[Path] = []
-    stats = compute_action_stats(_training_actions(train, skipped, progress))
+    if check is None:
+        check = check_episodes(train, image=False, actions=True, progress=progress)
+    usable = [check.actions[path] for path in train if check.actions.get(path) is not None]
+    skipped = [path for path in train if path in check.corrupt]
+    if not usable:
+        if check.image_only and check.action_dims is None:
+            raise _missing_actions(check.image_only[0])
+        reasons = "; ".join(check.corrupt[path] for path in skipped[:3])
+        raise UsageError(f"root {str(root)!r} has no usable training episode with actions to compute action "
+                         f"statistics from ({len(skipped)} corrupt: {reasons})")
+    stats = compute_action_stats(usable)
     if skipped:
         logger.warning("action statistics of %s: skipped %d corrupt episode file(s)", root, len(skipped))
     try:
@@ -297,7 +367,7 @@ class EpisodeClips(torch.utils.data.Dataset):
         self.split = split
         self.paths = split_episodes(list_episodes(self.root), split, test_every)
         if not self.paths:
-            raise ValueError(f"root {str(self.root)!r} has no {split} episodes (*.npz files)")
+            raise UsageError(f"root {str(self.root)!r} has no {split} episodes (*.npz files)")
         self.clip_frames = _positive_int("clip_frames", clip_frames)
         self.frame_skip = _positive_int("frame_skip", frame_skip)
         self.size = _frame_size(size)
@@ -308,7 +378,7 @@ class EpisodeClips(torch.utils.data.Dataset):
         self.image_key = image_key
         self.actions = bool(actions)
         if self.actions:
-            self._check_has_actions(self.paths[0])
+            self._check_has_actions()
         if self.actions and discretizer is None:
             discretizer = ActionDiscretizer.from_stats(dataset_action_stats(self.root, test_every=test_every))
         if discretizer is not None and not isinstance(discretizer, ActionDiscretizer):
@@ -335,7 +405,7 @@ class EpisodeClips(torch.utils.data.Dataset):
         path = self.paths[index]
         episode = load_episode(path, image_key=self.image_key, action=self.actions)
         if self.actions and episode.action is None:
-            raise _missing_actions(path)
+            raise _missing_actions(path, image_only_dataset=False)
         if self.actions and episode.action.shape[1] != self.discretizer.action_dims:
             raise CorruptEpisodeError(f"{path}: {episode.action.shape[1]}-D actions, but the data set's statistics "
                                       f"are {self.discretizer.action_dims}-D")
@@ -370,32 +440,40 @@ class EpisodeClips(torch.utils.data.Dataset):
         return item
 
     def verify(self, progress: bool = True) -> list[Path]:
-        """Read every episode file once; the corrupt ones are logged, then skipped without another try. Returns
-        them."""
+        """Read every episode file once; the corrupt ones (``check_episodes``; with actions, also the image-only
+        ones and those of another action width than the discretizer's) are logged, then skipped without another
+        try. Returns them."""
         for path in tqdm(self.paths, desc=f"checking {self.split} episodes", unit="episode", disable=not progress):
             if path in self._corrupt:
                 continue
             try:
                 episode = load_episode(path, image_key=self.image_key, action=self.actions)
+                if self.actions and episode.action is None:
+                    raise _missing_actions(path, image_only_dataset=False)
+                if self.actions and episode.action.shape[1] != self.discretizer.action_dims:
+                    raise CorruptEpisodeError(f"{path}: {episode.action.shape[1]}-D actions, but the data set's "
+                                              f"statistics are {self.discretizer.action_dims}-D")
             except CorruptEpisodeError as err:
                 self._mark_corrupt(path, err)
-                continue
-            if self.actions and episode.action is None:
-                raise _missing_actions(path)
         if self._corrupt:
             logger.warning("%s split of %s: %d of %d episode files are corrupt and skipped", self.split, self.root,
                            len(self._corrupt), len(self.paths))
         return self.skipped
 
-    @staticmethod
-    def _check_has_actions(path: Path) -> None:
-        """Fail early, and clearly, on an image-only data set (a corrupt file is left for the clips to skip)."""
-        try:
-            episode = load_episode(path, image=False)
-        except CorruptEpisodeError:
-            return
-        if episode.action is None:
-            raise _missing_actions(path)
+    def _check_has_actions(self) -> None:
+        """Fail early, and clearly, on an image-only data set: the files are read (headers only) until one has
+        actions. An image-only or corrupt file among files with actions is left for the clips to skip."""
+        image_only = None
+        for path in self.paths:
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    if ACTION_KEY in npz.files:
+                        return
+                image_only = image_only or path
+            except Exception:  # a corrupt file: the clips skip it
+                continue
+        if image_only is not None:
+            raise _missing_actions(image_only)
 
     def _mark_corrupt(self, path: Path, err: Exception) -> None:
         self._corrupt[path] = str(err)
@@ -419,7 +497,8 @@ def convert_rlds(builder_dir: str | Path, out_dir: str | Path, *, max_episodes: 
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
-        raise ImportError("convert_rlds needs tensorflow_datasets (pip install tensorflow tensorflow-datasets); "
+        raise MissingDependencyError("convert_rlds needs tensorflow_datasets (pip install tensorflow "
+                                     "tensorflow-datasets); "
                           "it is not a dependency of rlvrw") from err
     if max_episodes is not None:
         _positive_int("max_episodes", max_episodes)
@@ -465,7 +544,7 @@ class DaliClipLoader:
             from nvidia.dali import fn, pipeline_def, types
             from nvidia.dali.plugin.pytorch import feed_ndarray
         except ImportError as err:
-            raise ImportError("DaliClipLoader needs NVIDIA DALI (pip install nvidia-dali-cuda120)") from err
+            raise MissingDependencyError("DaliClipLoader needs NVIDIA DALI (pip install nvidia-dali-cuda120)") from err
         self.clips = clips
         self.batch_size = _positive_int("batch_size", batch_size)
         self.indices = list(range(len(clips))) if indices is None else [int(i) for i in indices]

@@ -50,9 +50,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from rlvrw import files
+from rlvrw import files, usage
 from rlvrw.files import cache_dir
-from rlvrw.data.rt1 import dataset_action_stats, list_episodes, save_episode
+from rlvrw.data.rt1 import STATS_FILE, dataset_action_stats, list_episodes, save_episode
+from rlvrw.usage import MissingDependencyError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class GenerationConfig:
 
 def _int_at_least(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        raise UsageError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
 
 
@@ -105,23 +106,23 @@ def make_config(sim: str, episodes: int, frames_per_episode: int, size, seed: in
                 action_repeat: int | None = None) -> GenerationConfig:
     """Validate ``generate``'s settings."""
     if sim not in SIMULATORS:
-        raise ValueError(f"sim must be one of {SIMULATORS}, got {sim!r}")
+        raise UsageError(f"sim must be one of {SIMULATORS}, got {sim!r}")
     episodes = _int_at_least("episodes", episodes, 2)  # episode 0 is a test episode; the statistics need another
     frames = _int_at_least("frames_per_episode", frames_per_episode, 1)
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         size = (size, size)
     if not isinstance(size, (tuple, list)) or len(size) != 2:
-        raise ValueError(f"size must be an int or (height, width), got {size!r}")
+        raise UsageError(f"size must be an int or (height, width), got {size!r}")
     size = (_int_at_least("size", size[0], 8), _int_at_least("size", size[1], 8))
     seed = _int_at_least("seed", seed, 0)
     repeat = DEFAULT_ACTION_REPEAT[sim] if action_repeat is None else _int_at_least("action_repeat", action_repeat, 1)
     if sim == "pusht":
         if tasks is not None:
-            raise ValueError("tasks applies to sim='metaworld' only")
+            raise UsageError("tasks applies to sim='metaworld' only")
         return GenerationConfig(sim, episodes, frames, size, seed, (), repeat, "")
     tasks = METAWORLD_TASKS if tasks is None else tasks
     if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) for t in tasks):
-        raise ValueError(f"tasks must be a non-empty sequence of Meta-World task names, got {tasks!r}")
+        raise UsageError(f"tasks must be a non-empty sequence of Meta-World task names, got {tasks!r}")
     return GenerationConfig(sim, episodes, frames, size, seed, tuple(tasks), repeat, METAWORLD_CAMERA)
 
 
@@ -153,7 +154,7 @@ class PushTEpisodes:
             import cv2  # a dependency of gym-pusht
             from gym_pusht.envs.pusht import PushTEnv
         except ImportError as err:
-            raise ImportError("sim='pusht' needs gym-pusht (pip install gym-pusht, or rlvrw[sim])") from err
+            raise MissingDependencyError("sim='pusht' needs gym-pusht (pip install gym-pusht, or rlvrw[sim])") from err
         self.cv2 = cv2
         self.config = config
         height, width = config.size
@@ -219,16 +220,17 @@ class MetaWorldEpisodes:
             from metaworld import policies
             from metaworld.env_dict import ALL_V3_ENVIRONMENTS
         except ImportError as err:
-            raise ImportError("sim='metaworld' needs metaworld (pip install metaworld, or rlvrw[sim])") from err
+            raise MissingDependencyError("sim='metaworld' needs metaworld (pip install metaworld, or "
+                                         "rlvrw[sim])") from err
         self.mujoco = mujoco
         self.config = config
         self.envs = {}
         for task in config.tasks:
             if task not in ALL_V3_ENVIRONMENTS:
-                raise ValueError(f"tasks: unknown Meta-World task {task!r} (known: {sorted(ALL_V3_ENVIRONMENTS)})")
+                raise UsageError(f"tasks: unknown Meta-World task {task!r} (known: {sorted(ALL_V3_ENVIRONMENTS)})")
             policy_name = "Sawyer" + "".join(part.capitalize() for part in task.split("-")) + "Policy"
             if not hasattr(policies, policy_name):
-                raise ValueError(f"tasks: Meta-World task {task!r} has no scripted policy {policy_name}")
+                raise UsageError(f"tasks: Meta-World task {task!r} has no scripted policy {policy_name}")
             self.envs[task] = (ALL_V3_ENVIRONMENTS[task], getattr(policies, policy_name)())
         self._live: dict[str, tuple] = {}
 
@@ -240,7 +242,7 @@ class MetaWorldEpisodes:
         env = env_class()
         steps = self.config.frames_per_episode * self.config.action_repeat
         if steps > env.max_path_length:
-            raise ValueError(f"frames_per_episode * action_repeat = {steps} exceeds Meta-World's episode limit "
+            raise UsageError(f"frames_per_episode * action_repeat = {steps} exceeds Meta-World's episode limit "
                              f"{env.max_path_length}")
         # The set-up of Meta-World's own goal-observable environments: the expert policies read the goal from the
         # observation, and the initial positions are drawn from the environment's seeded generator at each reset.
@@ -376,15 +378,15 @@ def generate(sim: str = "pusht", out_dir: str | Path | None = None, episodes: in
         out_dir = cache_dir("sim", dataset_name(config))
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out_dir must be a directory, got the file {str(out_dir)!r}")
+        raise UsageError(f"out_dir must be a directory, got the file {str(out_dir)!r}")
     manifest = read_manifest(out_dir) if out_dir.is_dir() else None
     if manifest is not None and manifest.get("config") != config.to_dict():
-        raise ValueError(f"out_dir {str(out_dir)!r} holds a data set generated with other settings "
+        raise UsageError(f"out_dir {str(out_dir)!r} holds a data set generated with other settings "
                          f"({manifest.get('config')}); choose another out_dir")
     if manifest is not None and manifest.get("complete"):
         return out_dir
     if manifest is None and out_dir.is_dir() and list_episodes(out_dir):
-        raise ValueError(f"out_dir {str(out_dir)!r} holds episode files but no {MANIFEST_FILE}; choose another "
+        raise UsageError(f"out_dir {str(out_dir)!r} holds episode files but no {MANIFEST_FILE}; choose another "
                          "out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_manifest(out_dir, config, complete=False)
@@ -501,6 +503,7 @@ def export_frames(root: str | Path, out: str | Path, split: str = "train") -> in
     uint8; corrupt episodes are reported, skipped and counted. Returns the number of frames."""
     from rlvrw.data.rt1 import CorruptEpisodeError, load_episode, split_episodes
 
+    usage.output_file("out", out)
     images, skipped = [], 0
     for path in split_episodes(list_episodes(root), split):
         try:
@@ -509,7 +512,7 @@ def export_frames(root: str | Path, out: str | Path, split: str = "train") -> in
             skipped += 1
             logger.warning("skipping %s (%d skipped so far)", err, skipped)
     if not images:
-        raise ValueError(f"root {str(root)!r} has no readable episodes in the {split!r} split")
+        raise UsageError(f"root {str(root)!r} has no readable episodes in the {split!r} split")
     frames = np.concatenate(images)
     files.write_file(out, lambda f: np.savez(f, image=frames))
     return len(frames)
@@ -522,17 +525,25 @@ def _run_frames(args) -> int:
 
 
 def _run_check(args) -> int:
-    from rlvrw.data.rt1 import EpisodeClips, load_episode
+    """Every episode file read whole: the corrupt ones named with their reason (see ``rlvrw.data.rt1``), the action
+    statistics recomputed from the usable training files; exit code 1 when any file is corrupt."""
+    from rlvrw.data.rt1 import check_episodes
 
-    clips = EpisodeClips(args.root, split="all", actions=False)
-    corrupt = clips.verify()
-    print(f"{len(clips) - len(corrupt)} readable episode files, {len(corrupt)} corrupt")
-    for path in corrupt:
-        print(f"  corrupt: {path}")
-    readable = [path for path in clips.paths if path not in set(corrupt)]
-    if readable and load_episode(readable[0], image=False).action is not None:
-        stats = dataset_action_stats(args.root)
-        print(f"action statistics ({stats.num_episodes} training episodes, {stats.num_steps} steps):")
+    paths = list_episodes(args.root)
+    if not paths:
+        raise UsageError(f"root {args.root!r} holds no episode files (*.npz)")
+    check = check_episodes(paths, image=True, actions=None, progress=True)
+    print(f"{len(check.actions)} readable episode files, {len(check.corrupt)} corrupt")
+    for why in check.corrupt.values():
+        print(f"  corrupt: {why}")
+    if check.action_dims is not None:
+        try:
+            stats = dataset_action_stats(args.root, recompute=True, check=check)
+        except UsageError as err:  # no usable training file: the check's report says why; the statistics are left
+            print(f"no action statistics: {err}")
+            return 1
+        print(f"action statistics ({stats.num_episodes} training episodes, {stats.num_steps} steps; written to "
+              f"{Path(args.root) / STATS_FILE}):")
         print(f"  min {np.array2string(stats.low, precision=4)}")
         print(f"  max {np.array2string(stats.high, precision=4)}")
-    return 1 if corrupt else 0
+    return 1 if check.corrupt else 0

@@ -6,17 +6,20 @@
     rlvrw lang eval --task text_game --data test.jsonl --model runs/rl/model --out results.json
     rlvrw lang eval --task web --data sample.json --gold                      # score the gold answers themselves
 
-Options left out take the defaults of ``SFTConfig`` / ``GRPOConfig`` in ``rlvrw.lang.train``.
+Options left out take the defaults of ``SFTConfig`` / ``GRPOConfig`` in ``rlvrw.lang.train``. Bad input (a records
+file, a setting, a responses file, a missing package) is one error line and exit code 2 (``rlvrw.usage``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import json
-import sys
 
+from rlvrw import usage
+from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP
 from rlvrw.lang.tasks import TASK_NAMES, TEXT_GAME_REWARDS, get_task
+from rlvrw.usage import UsageError
 
 
 def _add_data(parser):
@@ -42,6 +45,7 @@ def _add_run(parser, lora_default: bool):
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
     parser.add_argument("--save-every", type=int, help="write a checkpoint every N steps (0: only the final model)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--on-nonfinite", choices=ON_NONFINITE, help=ON_NONFINITE_HELP + " (default: stop)")
 
 
 def add_cli(subparsers) -> None:
@@ -98,26 +102,26 @@ def add_cli(subparsers) -> None:
     tiny.set_defaults(func=_make_tiny)
 
 
-def _reports_bad_input(command):
-    """A ``ValueError`` (bad data, option or model directory) becomes one line on stderr and exit code 2."""
-
-    @functools.wraps(command)
-    def run(args) -> int:
-        try:
-            return command(args)
-        except ValueError as err:
-            print(f"rlvrw lang {args.lang_command}: error: {err}", file=sys.stderr)
-            return 2
-
-    return run
+@contextlib.contextmanager
+def _user_input(flag: str | None = None):
+    """Around the reading of what the user gave (the records file, the settings, the flags of a tiny model): their
+    checks' ValueErrors are about that input, so they become ``UsageError``s naming ``flag`` (one line and exit code
+    2 from ``rlvrw``'s main). A ValueError from anywhere else is a bug and keeps its traceback."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as err:
+        raise UsageError(f"{flag}: {err}" if flag else str(err)) from err
 
 
 def _records(args):
-    task = get_task(args.task, getattr(args, "reward", "binary"))
-    loaded = task.load(args.data, args.limit)
+    with _user_input("--data"):
+        task = get_task(args.task, getattr(args, "reward", "binary"))
+        loaded = task.load(args.data, args.limit)
     print(f"{args.data}: {len(loaded)} records" + (f", {len(loaded.skipped)} skipped" if loaded.skipped else ""))
     if not loaded.records:
-        raise ValueError(f"data {args.data!r} holds no usable record")
+        raise UsageError(f"data {args.data!r} holds no usable record")
     return task, loaded.records
 
 
@@ -126,65 +130,77 @@ def _config(cls, args):
 
     names = {f.name for f in dataclasses.fields(cls)} - {"lora"}
     given = {name: value for name, value in vars(args).items() if name in names and value is not None}
-    lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha) if args.use_lora else None
-    return cls(**given, lora=lora)
+    with _user_input():
+        lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha) if args.use_lora else None
+        return cls(**given, lora=lora)
 
 
 def _quiet_libraries():
+    from rlvrw.lang.train import transformers
+
+    transformers()  # without it, one line naming the extra to install
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
 
-@_reports_bad_input
 def _sft(args) -> int:
     from rlvrw.lang.train import SFTConfig, run_sft
 
     task, records = _records(args)
+    config = _config(SFTConfig, args)
     _quiet_libraries()
-    summary = run_sft(task, records, _config(SFTConfig, args))
+    summary = run_sft(task, records, config)
     print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))
     return 0
 
 
-@_reports_bad_input
 def _rl(args) -> int:
     from rlvrw.lang.train import GRPOConfig, run_grpo
 
     task, records = _records(args)
+    config = _config(GRPOConfig, args)
     _quiet_libraries()
-    summary = run_grpo(task, records, _config(GRPOConfig, args))
+    summary = run_grpo(task, records, config)
     print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))
     return 0
 
 
 def _read_responses(path: str) -> list[str]:
     responses = []
-    with open(path, encoding="utf-8") as f:
+    with open(usage.existing_file("--responses", path, "a JSON Lines file of responses"), encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            value = json.loads(line)
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"--responses {path}: line {number} is not JSON ({err})") from err
             value = value.get("response") if isinstance(value, dict) else value
             if not isinstance(value, str):
-                raise ValueError(f"responses line {number} must be a JSON string or an object with 'response'")
+                raise UsageError(f"responses line {number} must be a JSON string or an object with 'response'")
             responses.append(value)
     return responses
 
 
-@_reports_bad_input
 def _eval(args) -> int:
     from rlvrw.files import write_json
 
     task, records = _records(args)
+    if args.out:
+        usage.output_file("--out", args.out)
     if args.gold:
         responses = [task.gold_response(r) for r in records]
     elif args.responses:
         responses = _read_responses(args.responses)
+        if len(responses) != len(records):
+            raise UsageError(f"--responses {args.responses} holds {len(responses)} responses for {len(records)} "
+                             f"records of --data {args.data}")
     else:
         from rlvrw.lang.train import generate_responses
 
+        usage.existing_dir("--model", args.model, "a local Hugging Face model directory", "config.json")
         _quiet_libraries()
         responses = generate_responses(task, records, args.model, max_new_tokens=args.max_new_tokens,
                                        temperature=args.temperature, batch_size=args.batch_size, device=args.device,
@@ -213,14 +229,19 @@ def format_metrics(task_name: str, metrics: dict) -> str:
     return "\n".join(lines)
 
 
-@_reports_bad_input
 def _make_tiny(args) -> int:
     from rlvrw.lang.tiny_model import build_tiny_model
 
     task, records = _records(args)
+    usage.output_dir("--out", args.out)
+    for flag, value in (("--vocab-size", args.vocab_size), ("--hidden-size", args.hidden_size),
+                        ("--layers", args.layers)):
+        if value < 1:
+            raise UsageError(f"{flag} must be a positive int, got {value}")
     _quiet_libraries()
     texts = [task.build_prompt(r) for r in records] + [task.gold_response(r) for r in records]
-    build_tiny_model(args.out, texts, arch=args.arch, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                     layers=args.layers)
+    with _user_input():  # build_tiny_model's checks of the flags (vocabulary size, heads)
+        build_tiny_model(args.out, texts, arch=args.arch, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                         layers=args.layers)
     print(f"tiny {args.arch} model written to {args.out}")
     return 0

@@ -15,7 +15,12 @@ in the same columns for every row: the hidden state at column P - 1 + t predicts
 The KL reference is the starting model: with LoRA, the same network with its adapters switched off (no second copy);
 with full fine-tuning, a frozen copy loaded from the same directory.
 
-Heavy dependencies (transformers, peft) are imported when a model is loaded.
+Optimizer steps go through ``rlvrw.guard.NonFiniteGuard``: a non-finite loss or gradient norm stops the run before
+its update (``on_nonfinite="stop"``) or skips and counts the update (``"skip"``); a model with a non-finite weight is
+never saved.
+
+Heavy dependencies (transformers, peft) are imported when a model is loaded; without them, the error says which
+extra installs them.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from dataclasses import dataclass, field
 import torch
 
 from rlvrw import ops
-from rlvrw.files import write_directory, write_json
+from rlvrw.files import verify_directory, write_directory, write_json
+from rlvrw.guard import NonFiniteGuard, check_finite_state, check_on_nonfinite
 from rlvrw.lang.tasks import Task, encode_prompt, encode_response
+from rlvrw.usage import UsageError, require
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +49,8 @@ FINAL_MODEL = "model"
 
 # ------------------------------------------------------------------------------------------------------ settings
 def _positive(name, value, kind=int, allow_zero=False):
-    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value >= 0 if allow_zero else value > 0)
     if not ok:
         noun = "an int" if kind is int else "a number"
         raise ValueError(f"{name} must be {noun} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
@@ -81,6 +89,7 @@ class RunConfig:
     gradient_checkpointing: bool = False
     save_every: int = 0
     seed: int = 0
+    on_nonfinite: str = "stop"  # rlvrw.guard: "stop" the run at a non-finite loss or gradient norm, or "skip" the step
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not os.path.isdir(self.model):
@@ -95,6 +104,7 @@ class RunConfig:
         _positive("save_every", self.save_every, allow_zero=True)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        check_on_nonfinite(self.on_nonfinite)
 
 
 @dataclass
@@ -171,10 +181,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
+def transformers():
+    """The ``transformers`` package, or a one-line error naming the extra that installs it."""
+    return require("transformers", "rlvrw.lang's language models", "transformers", "lang")
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+def load_tokenizer(model_dir: str):
+    tokenizer = transformers().AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -182,10 +195,10 @@ def load_tokenizer(model_dir: str):
 
 def load_model(model_dir: str, device: torch.device, dtype: torch.dtype, *, trainable: bool = True):
     """A causal LM from a local directory (nothing is downloaded), on ``device`` in ``dtype``; frozen unless
-    ``trainable``."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True).to(device)
+    ``trainable``. A directory this module wrote is checked against its manifest first (``rlvrw.files``)."""
+    verify_directory(model_dir)
+    model = transformers().AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    model = model.to(device)
     model.requires_grad_(trainable)
     return model if trainable else model.eval()
 
@@ -193,7 +206,7 @@ def load_model(model_dir: str, device: torch.device, dtype: torch.dtype, *, trai
 def add_lora(model, settings: LoraSettings):
     """Wrap ``model`` with LoRA adapters; only they train. The output layer is never adapted: log-probs are taken
     from its weight directly."""
-    import peft
+    peft = require_peft()
 
     config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=settings.target_modules,
                              lora_dropout=settings.dropout, task_type="CAUSAL_LM")
@@ -201,6 +214,11 @@ def add_lora(model, settings: LoraSettings):
     if isinstance(wrapped.get_output_embeddings(), peft.tuners.lora.LoraLayer):
         raise ValueError("lora target_modules must not include the output layer (lm_head)")
     return wrapped
+
+
+def require_peft():
+    """The ``peft`` package, or a one-line error naming the extra that installs it."""
+    return require("peft", "LoRA training (lora; full fine-tuning, `--no-lora`, does not)", "peft", "lang")
 
 
 def is_lora(model) -> bool:
@@ -250,6 +268,7 @@ def save_model(model, tokenizer, path: str, info: dict | None = None) -> None:
     """A plain model directory at ``path`` (LoRA merged in), with the tokenizer and ``info`` as
     ``trainer_state.json``; written whole or not at all."""
     plain = merged_copy(model) if is_lora(model) else model
+    check_finite_state(plain.named_parameters(), f"model {path}")
 
     def write(tmp):
         plain.save_pretrained(tmp)
@@ -263,11 +282,9 @@ def save_model(model, tokenizer, path: str, info: dict | None = None) -> None:
 def merged_copy(model):
     """A plain causal LM holding ``merged_weights(model)``. It is built on the meta device, so no random
     initialization is paid for, and shares the tensors LoRA does not change."""
-    from transformers import AutoModelForCausalLM
-
     base = model.get_base_model()
     with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
+        plain = transformers().AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
     plain.load_state_dict(dict(merged_weights(model)), assign=True)
     plain.generation_config = base.generation_config
     return plain
@@ -372,8 +389,10 @@ def sft_loss(model, batch: TokenBatch, num_tokens: float | torch.Tensor | None =
     return -(logp * batch.response_mask).sum() / total
 
 
-def sft_update(model, optimizer, batch: TokenBatch, micro_batch_size: int, max_grad_norm: float) -> dict:
-    """One optimizer step on ``batch``, in micro-batches: returns the loss (token mean) and the gradient norm."""
+def sft_update(model, optimizer, batch: TokenBatch, micro_batch_size: int, max_grad_norm: float,
+               guard: NonFiniteGuard | None = None, step: int | None = None) -> dict:
+    """One optimizer step on ``batch``, in micro-batches: returns the loss (token mean) and the gradient norm. With
+    a ``guard``, the step is taken through it (``step`` names it in its report)."""
     num_tokens = batch.response_mask.sum()
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=num_tokens.device)
@@ -382,8 +401,15 @@ def sft_update(model, optimizer, batch: TokenBatch, micro_batch_size: int, max_g
         loss.backward()
         total += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(model), max_grad_norm)
-    optimizer.step()
+    _optimizer_step(optimizer, guard, step, loss=total, grad_norm=grad_norm)
     return {"loss": float(total), "grad_norm": float(grad_norm)}
+
+
+def _optimizer_step(optimizer, guard: NonFiniteGuard | None, step: int | None, **terms) -> None:
+    if guard is None:
+        optimizer.step()
+    else:
+        guard.step(optimizer, step, **terms)
 
 
 # ----------------------------------------------------------------------------------------------------------- GRPO
@@ -399,8 +425,10 @@ def grpo_batch_loss(policy, batch: TokenBatch, advantages, old_logp, ref_logp, *
 
 
 def grpo_update(policy, optimizer, batch: TokenBatch, advantages: torch.Tensor, ref_logp: torch.Tensor | None, *,
-                micro_batch_size: int, max_grad_norm: float, temperature: float = 1.0, **loss_options) -> dict:
-    """One optimizer step of GRPO on a batch of rollouts, in micro-batches, token-mean over the whole batch.
+                micro_batch_size: int, max_grad_norm: float, temperature: float = 1.0,
+                guard: NonFiniteGuard | None = None, step: int | None = None, **loss_options) -> dict:
+    """One optimizer step of GRPO on a batch of rollouts, in micro-batches, token-mean over the whole batch (through
+    ``guard`` when given).
 
     Returns the loss and its parts summed over micro-batches, the old log-probs used (B, R) and the gradient norm.
     """
@@ -420,7 +448,8 @@ def grpo_update(policy, optimizer, batch: TokenBatch, advantages: torch.Tensor, 
         for key, value in (("loss", loss.detach()), ("pg_loss", stats["pg_loss"]), ("kl", stats["kl"])):
             sums[key] += value
     grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(policy), max_grad_norm)
-    optimizer.step()
+    _optimizer_step(optimizer, guard, step, loss=sums["loss"], pg_loss=sums["pg_loss"], kl=sums["kl"],
+                    grad_norm=grad_norm)
     return {**{key: float(value) for key, value in sums.items()}, "grad_norm": float(grad_norm),
             "old_logp": old_logp}
 
@@ -435,6 +464,8 @@ def _setup(cfg: RunConfig):
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.lora is not None:
+        require_peft()  # before the model loads: a missing package is said at once
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device, dtype)
     if cfg.lora is not None:
@@ -465,7 +496,7 @@ def _encode_examples(task: Task, tokenizer, records: list[dict], max_prompt_toke
     for line in skipped:
         log.warning("skipping %s", line)
     if not examples:
-        raise ValueError(f"records must hold at least one example that fits the token limits ({len(skipped)} "
+        raise UsageError(f"records must hold at least one example that fits the token limits ({len(skipped)} "
                          "left out)")
     return examples, skipped
 
@@ -500,6 +531,7 @@ def run_sft(task: Task, records: list[dict], cfg: SFTConfig) -> dict:
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     progress = _Log(cfg.out_dir, total, "sft")
+    guard = NonFiniteGuard(cfg.on_nonfinite, "sft")
     losses, step = [], 0
     try:
         for epoch in range(cfg.epochs):
@@ -509,7 +541,8 @@ def run_sft(task: Task, records: list[dict], cfg: SFTConfig) -> dict:
                     break
                 chosen = [examples[i] for i in order[start:start + cfg.batch_size]]
                 batch = pack([e[0] for e in chosen], [e[1] for e in chosen], tokenizer.pad_token_id).to(device)
-                stats = sft_update(model, optimizer, batch, cfg.micro_batch_size, cfg.max_grad_norm)
+                stats = sft_update(model, optimizer, batch, cfg.micro_batch_size, cfg.max_grad_norm, guard, step + 1)
+                stats["nonfinite_skipped"] = guard.check()
                 step += 1
                 losses.append(stats["loss"])
                 progress.step({"step": step, "epoch": epoch, **stats}, {"loss": stats["loss"]})
@@ -518,7 +551,7 @@ def run_sft(task: Task, records: list[dict], cfg: SFTConfig) -> dict:
     finally:
         progress.close()
     summary = {"steps": step, "first_loss": losses[0], "last_loss": losses[-1], "examples": len(examples),
-               "skipped": skipped}
+               "skipped": skipped, "nonfinite_skipped": guard.check()}
     save_model(model, tokenizer, os.path.join(cfg.out_dir, FINAL_MODEL), summary)
     return summary
 
@@ -557,6 +590,7 @@ def run_grpo(task: Task, records: list[dict], cfg: GRPOConfig) -> dict:
     loss_options = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "dual_clip": cfg.dual_clip,
                     "kl_coef": cfg.kl_coef, "kl_type": cfg.kl_type}
     progress = _Log(cfg.out_dir, cfg.steps, "grpo")
+    guard = NonFiniteGuard(cfg.on_nonfinite, "grpo")
     order: list[int] = []
     history = []
     try:
@@ -583,7 +617,7 @@ def run_grpo(task: Task, records: list[dict], cfg: GRPOConfig) -> dict:
                 advantages = ops.group_advantages(rewards, cfg.group_size)
                 stats = grpo_update(policy, optimizer, batch, advantages, ref_logp,
                                     micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
-                                    temperature=cfg.temperature, **loss_options)
+                                    temperature=cfg.temperature, guard=guard, step=step, **loss_options)
                 sampler.sync_weights(policy)
                 entry = {
                     "step": step, "reward": float(rewards.mean()), "loss": stats["loss"], "pg_loss": stats["pg_loss"],
@@ -591,6 +625,7 @@ def run_grpo(task: Task, records: list[dict], cfg: GRPOConfig) -> dict:
                     "unparseable": scored.parsed.count(False), "scoring_errors": len(scored.errors),
                     "truncated": sum(rollouts.truncated),
                     "response_tokens": float(batch.response_mask.sum(1).mean()),
+                    "nonfinite_skipped": guard.check(),
                     "seconds": time.perf_counter() - started,
                 }
                 if rollouts.sample_logprobs is not None:
@@ -602,7 +637,7 @@ def run_grpo(task: Task, records: list[dict], cfg: GRPOConfig) -> dict:
     finally:
         progress.close()
     summary = {"steps": cfg.steps, "first_reward": history[0]["reward"], "last_reward": history[-1]["reward"],
-               "examples": len(examples), "skipped": skipped}
+               "examples": len(examples), "skipped": skipped, "nonfinite_skipped": guard.check()}
     save_model(policy, tokenizer, os.path.join(cfg.out_dir, FINAL_MODEL), summary)
     return summary
 

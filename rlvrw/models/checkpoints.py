@@ -3,7 +3,10 @@
 rlvrw's own (written by ``rlvrw tokenizer``): one file holding the state dict and the constructor's arguments. It is a
 safetensors file (config in its metadata) when the ``safetensors`` package is installed, else a ``torch.save`` file;
 ``load_tokenizer`` reads both. Writes go to a temporary file first and then replace the target, so an interrupted
-write never leaves a truncated checkpoint.
+write never leaves a truncated checkpoint. The header records the sha256 of the tensors (``state_digest``: names,
+dtypes, shapes and bytes), checked at load: a file that was changed after it was written, truncated, emptied or
+garbled is a ``rlvrw.files.CorruptFileError`` naming it, never a model. A tokenizer with a non-finite parameter is
+never written.
 
 The reference's (Hugging Face repos ``thuml/rt1-frame-tokenizer`` and ``thuml/rt1-compressive-tokenizer``): diffusers
 model directories, ``config.json`` plus ``diffusion_pytorch_model.safetensors`` (or ``.bin``), possibly in a
@@ -24,6 +27,7 @@ checkpoint itself could not be inspected, so a mismatch there surfaces as a clea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -33,7 +37,10 @@ import torch
 from torch import nn
 
 from rlvrw import files
+from rlvrw.files import CorruptFileError
+from rlvrw.guard import check_finite_state
 from rlvrw.models.tokenizer import CompressiveTokenizer, FrameTokenizer
+from rlvrw.usage import UsageError
 
 FORMAT = "rlvrw-tokenizer"
 TOKENIZER_CLASSES = {"FrameTokenizer": FrameTokenizer, "CompressiveTokenizer": CompressiveTokenizer}
@@ -56,15 +63,28 @@ def safetensors_available() -> bool:
     return True
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors of a state dict, in name order: each name, dtype, shape and raw bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_tokenizer(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write ``model`` (a FrameTokenizer or CompressiveTokenizer) with its config, atomically. ``extra``: JSON-able
-    notes kept beside the config (training settings, metrics). Returns the path written."""
+    """Write ``model`` (a FrameTokenizer or CompressiveTokenizer) with its config and the digest of its tensors,
+    atomically. ``extra``: JSON-able notes kept beside the config (training settings, metrics). Returns the path
+    written."""
     name = type(model).__name__
     if name not in TOKENIZER_CLASSES:
         raise ValueError(f"model must be one of {sorted(TOKENIZER_CLASSES)}, got {name}")
     path = Path(path)
-    header = {"format": FORMAT, "class": name, "config": model.config, "extra": extra or {}}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    check_finite_state(state.items(), f"tokenizer {path}")
+    header = {"format": FORMAT, "class": name, "config": model.config, "extra": extra or {},
+              "sha256": state_digest(state)}
     if safetensors_available():
         from safetensors.torch import save
 
@@ -91,25 +111,40 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (safe_open has no __iter__)
 
 
+class TokenizerNotFoundError(FileNotFoundError, UsageError):
+    """No tokenizer checkpoint where the user said."""
+
+
 def load_tokenizer(path: str | os.PathLike, map_location="cpu") -> nn.Module:
-    """A tokenizer saved by ``save_tokenizer`` (either file format), in eval mode."""
+    """A tokenizer saved by ``save_tokenizer`` (either file format), in eval mode, its tensors checked against the
+    digest it was written with (files written before digests were recorded load unchecked)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer checkpoint at {path}; write one with `rlvrw tokenizer --out {path}`")
-    if _is_safetensors(path):
-        state, metadata = _read_safetensors(path)
-        if "rlvrw" not in metadata:
-            raise ValueError(f"path {path} is a safetensors file without rlvrw's header; for the reference's "
-                             "checkpoints use load_pretrained_frame_tokenizer / load_pretrained_compressive_tokenizer")
-        header = json.loads(metadata["rlvrw"])
-    else:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or "rlvrw" not in payload:
-            raise ValueError(f"path {path} is not an rlvrw tokenizer checkpoint")
-        header, state = payload["rlvrw"], payload["state_dict"]
-    if header.get("format") != FORMAT or header.get("class") not in TOKENIZER_CLASSES:
-        raise ValueError(f"path {path} holds an unknown checkpoint header {header.get('format')!r} / "
-                         f"{header.get('class')!r}")
+        raise TokenizerNotFoundError(f"no tokenizer checkpoint at {path}; write one with `rlvrw tokenizer --out "
+                                     f"{path}`")
+    try:
+        if _is_safetensors(path):
+            state, metadata = _read_safetensors(path)
+            if "rlvrw" not in metadata:
+                raise UsageError(f"path {path} is a safetensors file without rlvrw's header; for the reference's "
+                                 "checkpoints use load_pretrained_frame_tokenizer / "
+                                 "load_pretrained_compressive_tokenizer")
+            header = json.loads(metadata["rlvrw"])
+        else:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(payload, dict) or "rlvrw" not in payload:
+                raise UsageError(f"path {path} is not an rlvrw tokenizer checkpoint")
+            header, state = payload["rlvrw"], payload["state_dict"]
+    except (UsageError, ImportError):
+        raise
+    except Exception as err:  # safetensors, torch.load and json each fail in their own way on a damaged file
+        raise CorruptFileError(f"{path}: cannot be read as a tokenizer checkpoint ({type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:200]})") from err
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("class") not in TOKENIZER_CLASSES:
+        raise UsageError(f"path {path} holds an unknown checkpoint header")
+    if "sha256" in header and state_digest(state) != header["sha256"]:
+        raise CorruptFileError(f"{path}: corrupt (its tensors' sha256 differs from the one recorded when it was "
+                               "written)")
     model = TOKENIZER_CLASSES[header["class"]](**header["config"])
     model.load_state_dict(state)
     return model.to(map_location).eval()

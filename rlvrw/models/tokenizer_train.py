@@ -8,8 +8,10 @@ as it is seen: clamped to [0, 1] where the target pixel sits at that bound (``cl
 clips (context frame first) with the same loss on the context frame's and the future frames' reconstructions; its
 future frames are coded independently given the context, so a step may use a random ``future_frames`` of each clip's
 frames, which costs less and sees more clips. AdamW with linear warmup
-and a cosine decay to ``min_lr_ratio`` of the peak; bfloat16 autocast on a GPU. The perceptual loss is any callable
-``perceptual(pred, target)`` on frames in [-1, 1] (LPIPS's convention) returning per-frame or mean distances;
+and a cosine decay to ``min_lr_ratio`` of the peak; bfloat16 autocast on a GPU. Optimizer steps go through
+``rlvrw.guard.NonFiniteGuard`` (``on_nonfinite``: a non-finite loss term or gradient norm stops training before the
+update, or skips and counts it), and a tokenizer with a non-finite weight is never saved. The perceptual loss is any
+callable ``perceptual(pred, target)`` on frames in [-1, 1] (LPIPS's convention) returning per-frame or mean distances;
 ``lpips_loss`` builds rlvrw's LPIPS and falls back to L1 alone, saying why, when it or its weights are missing.
 
 The quality check is PSNR against a blur baseline that keeps as many numbers per frame as there are tokens times
@@ -33,8 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlvrw import usage
+from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard, check_on_nonfinite
 from rlvrw.models.checkpoints import safetensors_available, save_tokenizer
 from rlvrw.models.tokenizer import CompressiveTokenizer, FrameTokenizer
+from rlvrw.usage import UsageError
 
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -57,11 +62,14 @@ class TrainConfig:
     gan_start: int = 1000
     seed: int = 0
     log_every: int = 100
+    on_nonfinite: str = "stop"  # rlvrw.guard: "stop" at a non-finite loss or gradient norm, or "skip" the step
 
     def __post_init__(self):
-        for name in ("steps", "batch_size"):
+        usage.check_types(self)
+        check_on_nonfinite(self.on_nonfinite)
+        for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.future_frames < 0:
             raise ValueError(f"future_frames must be non-negative, got {self.future_frames}")
         for name in ("lr", "weight_decay", "grad_clip", "l1_weight", "perceptual_weight", "gan_weight",
@@ -84,18 +92,26 @@ class TrainConfig:
 
 
 def load_frames(path: str | Path, size: tuple[int, int] | None = None, key: str = "image") -> torch.Tensor:
-    """Frames (N, H, W, 3) from an npz file -> uint8 (N, 3, H, W), resized (antialiased bilinear) to ``size``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no frames file at {path}")
-    with np.load(path) as data:
-        if key not in data:
-            raise ValueError(f"path {path} has no array {key!r}; it has {sorted(data.keys())}")
-        array = data[key]
-    if array.ndim != 4 or array.shape[-1] != 3:
-        raise ValueError(f"{path}[{key!r}] must be frames (N, H, W, 3), got shape {array.shape}")
+    """Frames (N, H, W, 3) from an npz file -> uint8 (N, 3, H, W), resized (antialiased bilinear) to ``size``.
+    A missing, empty or unreadable file, a missing array or one that is not frames is a ``UsageError`` naming it."""
+    from rlvrw.files import CorruptFileError
+
+    path = usage.existing_file("frames", path, "an .npz file of frames (N, H, W, 3) uint8")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if key not in data:
+                raise UsageError(f"frames file {path} has no array {key!r} (--key); it has {sorted(data.keys())}")
+            array = data[key]
+    except UsageError:
+        raise
+    except Exception as err:  # not an npz, truncated, a bad member: the file is unusable
+        raise CorruptFileError(f"frames file {path} cannot be read ({type(err).__name__}: {err})") from err
+    if array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] == 0 or not np.issubdtype(array.dtype, np.integer):
+        raise UsageError(f"{path}[{key!r}] must be integer frames (N >= 1, H, W, 3), got {array.dtype} "
+                         f"{array.shape}")
     if array.dtype != np.uint8 and (array.min() < 0 or array.max() > 255):
-        raise ValueError(f"{path}[{key!r}] must hold 8-bit pixel values, got values in [{array.min()}, {array.max()}]")
+        raise UsageError(f"{path}[{key!r}] must hold 8-bit pixel values, got values in [{array.min()}, "
+                         f"{array.max()}]")
     frames = torch.from_numpy(array.astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
     if size is not None and tuple(frames.shape[-2:]) != tuple(size):
         resized = F.interpolate(frames.float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
@@ -276,6 +292,7 @@ def train_tokenizer(model: FrameTokenizer | CompressiveTokenizer, frames: torch.
     if config.consistency_weight > 0 and frames.shape[0] < 2:
         raise ValueError("frames must hold at least 2 frames when consistency_weight > 0 (pairs of frames)")
     device = next(model.parameters()).device
+    guard = NonFiniteGuard(config.on_nonfinite, "tokenizer")
     use_gan = config.gan_weight > 0
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     generator = torch.Generator().manual_seed(config.seed)
@@ -326,9 +343,12 @@ def train_tokenizer(model: FrameTokenizer | CompressiveTokenizer, frames: torch.
                 loss = loss + config.gan_weight * gan_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if config.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        # without clipping (grad_clip 0) the norm is still taken, for the guard; the gradients are scaled by 1.0
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+        terms = {"loss": loss, "l1": l1, "grad_norm": grad_norm}
+        if perceptual is not None and config.perceptual_weight > 0:
+            terms["perceptual"] = perceptual_loss
+        guard.step(optimizer, step + 1, **terms)
 
         if gan_on:
             discriminator.requires_grad_(True)
@@ -337,11 +357,11 @@ def train_tokenizer(model: FrameTokenizer | CompressiveTokenizer, frames: torch.
                 disc_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()  # hinge
             disc_optimizer.zero_grad(set_to_none=True)
             disc_loss.backward()
-            disc_optimizer.step()
+            guard.step(disc_optimizer, step + 1, disc=disc_loss)
 
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             entry = {"step": step + 1, "lr": lr, "loss": loss.item(), "l1": l1.item(),
-                     "seconds": time.perf_counter() - start}
+                     "seconds": time.perf_counter() - start, "nonfinite_skipped": guard.check()}
             if perceptual is not None and config.perceptual_weight > 0:
                 entry["perceptual"] = perceptual_loss.item()
             if config.consistency_weight > 0:
@@ -394,26 +414,47 @@ def add_cli(subparsers) -> None:
                         "be in time order)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=defaults.on_nonfinite, help=ON_NONFINITE_HELP)
     p.set_defaults(func=run_cli)
 
 
+def _device(name: str | None) -> torch.device:
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available here")
+    return device
+
+
 def run_cli(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(args.seed)
-    frames = load_frames(args.frames, tuple(args.size), args.key)
-    if not 0 <= args.eval_frames < frames.shape[0]:
-        raise ValueError(f"--eval-frames must lie in [0, {frames.shape[0]}) ({args.frames} has {frames.shape[0]} "
-                         f"frames), got {args.eval_frames}")
-    split = frames.shape[0] - args.eval_frames
-    train_frames, eval_frames = frames[:split], frames[split:]
-    model = FrameTokenizer(channels=args.channels, layers_per_block=args.layers_per_block,
-                           latent_channels=args.latent_channels, levels=args.levels,
-                           num_groups=args.num_groups).to(device)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                          weight_decay=args.weight_decay, perceptual_weight=args.lpips_weight,
                          gan_weight=args.gan_weight, gan_start=args.gan_start,
                          consistency_weight=args.consistency_weight, seed=args.seed,
-                         log_every=max(1, args.steps // 10))
+                         log_every=max(1, args.steps // 10), on_nonfinite=args.on_nonfinite)
+    if min(args.size) < 1:
+        raise UsageError(f"--size must be two positive ints (H W), got {args.size}")
+    if args.eval_frames < 0:
+        raise UsageError(f"--eval-frames must be >= 0, got {args.eval_frames}")
+    if args.out is not None:
+        usage.output_file("--out", args.out)
+    device = _device(args.device)
+    torch.manual_seed(args.seed)
+    frames = load_frames(args.frames, tuple(args.size), args.key)
+    if not 0 <= args.eval_frames < frames.shape[0]:
+        raise UsageError(f"--eval-frames must lie in [0, {frames.shape[0]}) ({args.frames} has {frames.shape[0]} "
+                         f"frames), got {args.eval_frames}")
+    split = frames.shape[0] - args.eval_frames
+    train_frames, eval_frames = frames[:split], frames[split:]
+    try:
+        model = FrameTokenizer(channels=args.channels, layers_per_block=args.layers_per_block,
+                               latent_channels=args.latent_channels, levels=args.levels,
+                               num_groups=args.num_groups).to(device)
+    except ValueError as err:  # the architecture flags, checked by the model
+        raise UsageError(f"the tokenizer's architecture (--channels, --layers-per-block, --latent-channels, "
+                         f"--levels, --num-groups): {err}") from err
     net = args.lpips or ("vgg" if device.type == "cuda" else "alex")
     perceptual = None if net == "none" or args.lpips_weight == 0 else lpips_loss(net, device)
     grid = (frames.shape[2] // model.downsample_factor, frames.shape[3] // model.downsample_factor)

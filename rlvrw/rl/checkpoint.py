@@ -10,11 +10,17 @@ A checkpoint is a directory ``<checkpoint_dir>/step_<step, 8 digits>/`` holding
     rng_rank<r>.pt        ``torch.save`` of rank r's random states: torch CPU and CUDA, numpy, Python
     trainer_state.json    {"step", "world_size", "state"}: ``state`` is the trainer's own JSON-able dict (where the
                           data stream stands, tokens seen, its config)
+    manifest.json         the size and sha256 of every other file (``rlvrw.files.seal_directory``)
 
-Everything is written into ``.tmp-step_<step>`` beside the final name, which is renamed into place last, so a run
-killed while saving leaves no directory that ``latest_checkpoint`` would pick. Under torch.distributed every rank
-calls ``save_checkpoint`` and ``load_checkpoint`` (gathering FSDP2 shards is collective); rank 0 writes the shared
-files, each rank its own random state, so all ranks need the same file system.
+Everything is written into ``.tmp-step_<step>`` beside the final name, fsynced, listed in the manifest, and renamed
+into place last, so a run killed while saving leaves no directory that ``latest_checkpoint`` would pick.
+``load_checkpoint`` checks every file against the manifest before it loads anything, and names the file that is
+missing, truncated, empty or changed (``rlvrw.files.CorruptFileError``). ``start_or_resume`` then falls back to the
+newest intact checkpoint, saying which file was bad, unless the run asked for ``resume`` explicitly: that refuses.
+A model (``save_model`` and the checkpoints' model) with a non-finite parameter is never written.
+
+Under torch.distributed every rank calls ``save_checkpoint`` and ``load_checkpoint`` (gathering FSDP2 shards is
+collective); rank 0 writes the shared files, each rank its own random state, so all ranks need the same file system.
 
     path = save_checkpoint(run_dir / "checkpoints", step, model, optimizer, scheduler, state={"tokens": n})
     found = latest_checkpoint(run_dir / "checkpoints")          # None on a fresh run
@@ -23,8 +29,10 @@ files, each rank its own random state, so all ranks need the same file system.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import pickle
 import random
 import re
 import shutil
@@ -42,8 +50,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from rlvrw import files
+from rlvrw.files import CorruptFileError
+from rlvrw.guard import check_finite_state
 from rlvrw.rl import distributed
 from rlvrw.rl.config import config_differences
+from rlvrw.usage import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +63,9 @@ CONFIG_FILE = "config.json"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+RESUME_HELP = ("continue from the newest intact checkpoint in OUT/checkpoints (default: when there is one, skipping "
+               "corrupt ones); --resume: the newest, refusing a corrupt one; --no-resume: refuse to run where "
+               "checkpoints exist")
 
 
 def step_dir_name(step: int) -> str:
@@ -63,11 +77,32 @@ def save_model(path: str | Path, model: nn.Module) -> Path:
     atomically; every rank calls it under torch.distributed, rank 0 writes. A ``WorldModelTransformer`` written here
     loads with ``WorldModelTransformer.from_pretrained``."""
     final = Path(path)
+    check_finite_state(distributed.unwrap(model).named_parameters(), f"model {final}")
     state = full_model_state(model)
     if distributed.is_main():
         files.write_directory(final, lambda tmp: _write_model_files(tmp, model, state))
     distributed.barrier()
     return final
+
+
+def load_model(path: str | Path, what: str, **kwargs) -> nn.Module:
+    """``WorldModelTransformer.from_pretrained(path, **kwargs)`` of a model directory (``save_model``'s, a
+    checkpoint's, any Hugging Face LlamaForCausalLM one), its files first checked against its manifest when it has
+    one: a missing, truncated, empty, changed or unreadable file is a ``CorruptFileError`` naming it, and a directory
+    that does not hold a model a ``UsageError`` naming ``what`` (the setting that named it)."""
+    from safetensors import SafetensorError
+
+    from rlvrw.models.transformer import WorldModelTransformer
+
+    path = Path(path)
+    files.verify_directory(path)
+    try:
+        return WorldModelTransformer.from_pretrained(path, **kwargs)
+    except (OSError, EOFError, SafetensorError, pickle.UnpicklingError) as err:
+        raise CorruptFileError(f"{what}: a file of {path} cannot be read ({type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:200]})") from err
+    except ValueError as err:  # from_pretrained's checks: no config.json, names or shapes that do not match
+        raise UsageError(f"{what}: {' '.join(str(err).split())}") from err
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -154,6 +189,7 @@ def save_checkpoint(
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_dir / step_dir_name(step)
     tmp = checkpoint_dir / f".tmp-{final.name}"  # one name that every rank knows without talking
+    check_finite_state(distributed.unwrap(model).named_parameters(), f"checkpoint {final}")
     model_state = full_model_state(model)
     optimizer_state = full_optimizer_state(model, optimizer) if optimizer is not None else None
     if distributed.is_main():
@@ -202,29 +238,67 @@ def read_trainer_state(path: str | Path) -> dict:
     file = Path(path) / TRAINER_STATE_FILE
     if not file.is_file():
         raise ValueError(f"path must be a checkpoint directory holding {TRAINER_STATE_FILE}, got {str(path)!r}")
-    return json.loads(file.read_text())
+    with _reading(file):
+        state = json.loads(file.read_text())
+        if not isinstance(state, dict) or not {"step", "world_size", "state"} <= set(state):
+            raise ValueError("not a trainer state")
+    return state
+
+
+def skipped_steps(path: str | Path | None) -> int:
+    """The count of non-finite steps skipped (``rlvrw.guard``) up to checkpoint ``path`` (0 for None)."""
+    return int(read_trainer_state(path)["state"].get("nonfinite_skipped", 0)) if path is not None else 0
 
 
 def start_or_resume(checkpoint_dir: str | Path, out_dir: str | Path, config, model: nn.Module, optimizer, scheduler,
                     is_main: bool) -> tuple[int, Path | None]:
-    """The step a run starts from, and the checkpoint it resumed (or None): 0 for a fresh run, else the latest
-    checkpoint's step after loading it into ``model``, ``optimizer`` and ``scheduler``. A run whose ``config.resume``
-    is off refuses a directory that already holds checkpoints. Rank 0 writes ``out_dir/config.json``."""
-    start_step = 0
-    found = latest_checkpoint(checkpoint_dir)
-    if found is not None and not config.resume:
-        raise ValueError(f"out_dir {str(out_dir)!r} holds checkpoints of an earlier run (newest: {found.name}): "
-                         "resume it (resume=True) or choose another out_dir")
-    if found is not None:
-        trainer_state = load_checkpoint(found, model, optimizer, scheduler)
-        start_step = trainer_state["step"]
+    """The step a run starts from, and the checkpoint it resumed (or None): 0 for a fresh run, else the step of the
+    newest intact checkpoint after loading it into ``model``, ``optimizer`` and ``scheduler``.
+
+    ``config.resume``: None (the default) resumes the newest intact checkpoint, logging each newer one that is
+    corrupt and which of its files is bad; True resumes the newest and refuses (``CorruptFileError``) when it is
+    corrupt; False refuses a directory that already holds checkpoints. When every checkpoint is corrupt the run
+    refuses too, rather than start afresh over them. Rank 0 writes ``out_dir/config.json``."""
+    start_step, found, problems = 0, None, []
+    candidates = list_checkpoints(checkpoint_dir)
+    if candidates and config.resume is False:
+        raise UsageError(f"out_dir {str(out_dir)!r} holds checkpoints of an earlier run (newest: "
+                         f"{candidates[-1].name}): resume it (resume=True) or choose another out_dir")
+    for candidate in reversed(candidates):
+        try:
+            trainer_state = load_checkpoint(candidate, model, optimizer, scheduler)
+        except CorruptFileError as err:
+            if config.resume:
+                raise CorruptFileError(f"{err}; not resuming (resume was asked for explicitly): move {candidate} "
+                                       "away to resume from the checkpoint before it") from err
+            if is_main:
+                logger.warning("checkpoint %s is unusable, trying the one before it: %s", candidate.name, err)
+            problems.append(str(err))
+            continue
+        found, start_step = candidate, trainer_state["step"]
         changed = config_differences(trainer_state["state"].get("config", {}), config)
         if changed and is_main:
             logger.warning("resuming %s with changed settings %s: the run will not match an uninterrupted one",
                            found, changed)
+        break
+    if candidates and found is None:
+        raise CorruptFileError(f"every checkpoint in {checkpoint_dir} is corrupt (newest: {problems[0]}); move them "
+                               "away to start afresh")
     if is_main:
         files.write_json(Path(out_dir) / "config.json", config.to_dict())
     return start_step, found
+
+
+@contextlib.contextmanager
+def _reading(file: Path):
+    """Any failure to read or decode ``file`` (truncated, empty, garbled) as a CorruptFileError naming it."""
+    try:
+        yield
+    except CorruptFileError:
+        raise
+    except Exception as err:  # safetensors, torch.load and json each fail in their own way on a damaged file
+        raise CorruptFileError(f"{file}: cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})") \
+            from err
 
 
 def load_checkpoint(
@@ -238,24 +312,34 @@ def load_checkpoint(
     states) and return its trainer state {"step", "world_size", "state"}. Every rank must call this.
 
     The model must have the checkpoint's parameters and shapes (strict). A rank whose random state is missing (the
-    run was saved with fewer ranks) keeps its own and logs a warning: the run goes on, but not bit for bit.
+    run was saved with fewer ranks) keeps its own and logs a warning: the run goes on, but not bit for bit. Every
+    file is checked against the checkpoint's manifest first, and a file that is missing, truncated, empty, changed
+    or unreadable raises ``CorruptFileError`` naming it, before anything is loaded from it.
     """
     from safetensors.torch import load_file
 
     path = Path(path)
+    if not (path / TRAINER_STATE_FILE).is_file():
+        read_trainer_state(path)  # its error: not a checkpoint directory
+    if not files.verify_directory(path):
+        logger.warning("checkpoint %s has no %s (written by an older rlvrw): its files are not verified", path,
+                       files.MANIFEST_FILE)
     trainer_state = read_trainer_state(path)
     model_file = path / MODEL_FILE
     if not model_file.is_file():
-        raise ValueError(f"path {str(path)!r} holds no {MODEL_FILE}")
+        raise CorruptFileError(f"path {str(path)!r} holds no {MODEL_FILE}")
+    with _reading(model_file):
+        tensors = load_file(str(model_file))
     try:
-        set_model_state_dict(distributed.unwrap(model), load_file(str(model_file)),
+        set_model_state_dict(distributed.unwrap(model), tensors,
                              options=StateDictOptions(full_state_dict=True, strict=True))
     except RuntimeError as err:  # load_state_dict's report of missing, unexpected or misshapen tensors
-        raise ValueError(f"model does not match checkpoint {path}: {err}") from err
+        raise UsageError(f"model does not match checkpoint {path}: {err}") from err
     if optimizer is not None:
         if not (path / OPTIMIZER_FILE).is_file():
             raise ValueError(f"checkpoint {path} has no optimizer state ({OPTIMIZER_FILE}); pass optimizer=None")
-        saved = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        with _reading(path / OPTIMIZER_FILE):
+            saved = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         if scheduler is not None and saved["scheduler"] is None:
             raise ValueError(f"checkpoint {path} has no scheduler state")
         set_optimizer_state_dict(distributed.unwrap(model), optimizer, saved["optimizer"],
@@ -265,7 +349,9 @@ def load_checkpoint(
     if restore_rng:
         rng_file = path / f"rng_rank{distributed.get_rank()}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+            with _reading(rng_file):
+                rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+            set_rng_state(rng)
         else:
             logger.warning("checkpoint %s has no random state for rank %d (saved with %d ranks): keeping this "
                            "process's own", path, distributed.get_rank(), trainer_state["world_size"])

@@ -1,8 +1,11 @@
 """Run settings as dataclasses whose fields are also command-line flags; shared by ``rlvrw pretrain`` and ``rlvrw rl``.
 
 A config class is a dataclass deriving from ``RunConfig`` that declares each field with
-``option(default, help, **argparse_kwargs)`` (and optionally has ``check_inputs``). ``add_arguments`` gives it
-``--config FILE`` (JSON) plus one flag per field; flags override the file. ``config_command`` makes a whole subcommand of it.
+``option(default, help, **argparse_kwargs)`` (and optionally has ``check_inputs``, for the files a run reads and
+writes); its ``__post_init__`` calls ``RunConfig.__post_init__`` first, which checks every field's type against its
+annotation (``rlvrw.usage.check_types``: a bool is true or false, numbers are finite). ``add_arguments`` gives it
+``--config FILE`` (JSON) plus one flag per field; flags override the file. ``config_command`` makes a whole subcommand
+of it; a bad setting, in the file or in a flag, is one error line naming the key and exit code 2.
 """
 
 from __future__ import annotations
@@ -11,28 +14,45 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
+import typing
 from dataclasses import field
 from pathlib import Path
 from typing import Callable
 
+from rlvrw import usage
+from rlvrw.usage import ArgumentParser, UsageError, check_types, run_command
+
 # fields that may differ between a checkpoint and the run that resumes it
-BOOKKEEPING_FIELDS = frozenset({"stop_at_step", "progress", "tensorboard", "log_every", "resume", "keep_checkpoints"})
+BOOKKEEPING_FIELDS = frozenset({"stop_at_step", "progress", "tensorboard", "log_every", "resume", "keep_checkpoints",
+                                "on_nonfinite"})
 
 
 class RunConfig:
     """``from_dict`` / ``to_dict`` for the dataclass settings of a run (they go into checkpoints as JSON)."""
+
+    def __post_init__(self):
+        check_types(self)
 
     @classmethod
     def from_dict(cls, values: dict):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"config has unknown keys {unknown}; known: {sorted(known)}")
+            raise UsageError(f"config has unknown keys {unknown}; known: {sorted(known)}")
         return cls(**values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_token_cache(name: str, value) -> None:
+    """``value`` (the setting ``name``) names a token cache: a non-empty .npz file or a directory holding some."""
+    usage.existing_path(name, value, "a token cache: an .npz file or a directory of them", "*.npz")
+
+
+def check_model_dir(name: str, value) -> None:
+    """``value`` (the setting ``name``) names a model directory, with its config.json."""
+    usage.existing_dir(name, value, "a model directory (config.json and model.safetensors)", "config.json")
 
 
 def print_summary(summary: dict) -> None:
@@ -54,11 +74,12 @@ def option(default, help: str, **argparse_kwargs):
 def add_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
     """``--config FILE`` (JSON of ``config_cls`` fields) and one flag per field; flags override the file."""
     parser.add_argument("--config", help="JSON file of settings (the fields below, underscores in names)")
+    hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         kwargs = dict(f.metadata["argparse"])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, bool):
+        if hints.get(f.name) in (bool, bool | None):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "type" not in kwargs and default is not None:
             kwargs["type"] = type(default)
@@ -68,18 +89,30 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
 
 
 def config_from_args(args: argparse.Namespace, config_cls):
-    """The ``config_cls`` that ``--config`` and the flags describe (ValueError for a bad file)."""
+    """The ``config_cls`` that ``--config`` and the flags describe, its ``check_inputs`` passed. Every error is a
+    ``UsageError``: a ValueError from the config class's checks is about a setting by construction."""
     values = {}
     if getattr(args, "config", None):
         path = Path(args.config)
         if not path.is_file():
-            raise ValueError(f"--config: no such file {str(path)!r}")
-        values = json.loads(path.read_text())
+            raise UsageError(f"--config: no such file {str(path)!r}")
+        try:
+            values = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UsageError(f"--config: {path} is not valid JSON ({err})") from err
         if not isinstance(values, dict):
-            raise ValueError(f"--config: {path} must hold a JSON object of settings")
+            raise UsageError(f"--config: {path} must hold a JSON object of settings")
     fields = {f.name for f in dataclasses.fields(config_cls)}
     values.update({name: value for name, value in vars(args).items() if name in fields})
-    return config_cls.from_dict(values)
+    try:
+        config = config_cls.from_dict(values)
+        if hasattr(config, "check_inputs"):
+            config.check_inputs()
+    except UsageError:
+        raise
+    except ValueError as err:  # the class's own checks (check_types has passed: the values have the right types)
+        raise UsageError(str(err)) from err
+    return config
 
 
 def config_differences(saved: dict, config) -> list[str]:
@@ -90,20 +123,14 @@ def config_differences(saved: dict, config) -> list[str]:
 
 def config_command(name: str, help: str, doc: str, config_cls, run: Callable[[object], int]):
     """``(add_cli, main)`` for the subcommand ``rlvrw NAME``: its flags come from ``config_cls``, and
-    ``run(config)`` does the work and returns the exit code. Bad settings print one error line and exit with 2.
-    ``main(argv)`` is the same command for ``python -m`` (what torchrun launches)."""
+    ``run(config)`` does the work and returns the exit code. Bad settings raise ``UsageError``, which ``rlvrw``'s
+    main prints as one error line, exit code 2. ``main(argv)`` is the same command for ``python -m`` (what torchrun
+    launches), with the same error handling."""
     description = doc.split("\n\n")[0]
 
     def run_cli(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        try:
-            config = config_from_args(args, config_cls)
-            if hasattr(config, "check_inputs"):
-                config.check_inputs()
-        except ValueError as err:
-            print(f"rlvrw {name}: error: {err}", file=sys.stderr)
-            return 2
-        return run(config)
+        return run(config_from_args(args, config_cls))
 
     def add_cli(subparsers) -> None:
         parser = subparsers.add_parser(name, help=help, description=description)
@@ -111,8 +138,9 @@ def config_command(name: str, help: str, doc: str, config_cls, run: Callable[[ob
         parser.set_defaults(func=run_cli)
 
     def main(argv: list[str] | None = None) -> int:
-        parser = argparse.ArgumentParser(prog=f"rlvrw {name}", description=description)
+        parser = ArgumentParser(prog=f"rlvrw {name}", description=description)
         add_arguments(parser, config_cls)
-        return run_cli(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        return run_command(f"rlvrw {name}", lambda: run_cli(args))
 
     return add_cli, main

@@ -48,16 +48,18 @@ from pathlib import Path
 
 import torch
 
-from rlvrw import files
+from rlvrw import files, usage
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.eval import metrics
 from rlvrw.models.tokenizer import CompressiveTokenizer
 from rlvrw.models.transformer import WorldModelTransformer
 from rlvrw.ops import _checks
-from rlvrw.rl.config import RunConfig, config_command, option
+from rlvrw.rl import checkpoint
+from rlvrw.rl.config import RunConfig, check_model_dir, config_command, option
 from rlvrw.rl.pretrain import clip_span, clip_times, encode_clips, episode_stream
 from rlvrw.rl.rollout import GroupSampler
 from rlvrw.rl.trainer import LPIPS_NETS, FrameRenderer, load_lpips, mean_abs_error, repeated_frames, sampling_seed
+from rlvrw.usage import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class EvalConfig(RunConfig):
     device: str = option("auto", "auto, cpu or cuda")
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("context_frames", "predicted_frames", "frame_skip", "clip_stride", "action_bins", "group_size",
                      "prompts_per_batch"):
             _checks.integer(name, getattr(self, name))
@@ -116,16 +119,11 @@ class EvalConfig(RunConfig):
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
 
     def check_inputs(self) -> None:
-        """The files an evaluation reads must be named and exist."""
-        for name in ("model", "tokenizer", "episodes"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} is required")
-        if not (Path(self.model) / "config.json").is_file():
-            raise ValueError(f"model must be a model directory with config.json, got {self.model!r}")
-        if not Path(self.tokenizer).is_file():
-            raise ValueError(f"tokenizer must be a tokenizer checkpoint file, got {self.tokenizer!r}")
-        if not Path(self.episodes).is_dir():
-            raise ValueError(f"episodes must be a directory of episode files, got {self.episodes!r}")
+        """The files an evaluation reads must be named and exist, and ``out_dir`` be no file."""
+        check_model_dir("model", self.model)
+        usage.existing_file("tokenizer", self.tokenizer, "a tokenizer checkpoint file")
+        usage.existing_dir("episodes", self.episodes, "a directory of episode files", "*.npz")
+        usage.output_dir("out_dir", self.out_dir)
 
 
 
@@ -178,7 +176,7 @@ def collect_clips(config: EvalConfig, tokenizer, device: torch.device) -> EvalCl
         chw = episode_frames.permute(0, 3, 1, 2).contiguous()
         if multi:
             if tuple(chw.shape[-2:]) != tokenizer.frame_size:
-                raise ValueError(f"episodes {config.episodes!r} hold {tuple(chw.shape[-2:])} frames, but the "
+                raise UsageError(f"episodes {config.episodes!r} hold {tuple(chw.shape[-2:])} frames, but the "
                                  f"tokenizer codes {tokenizer.frame_size} frames (its frame_size)")
             context_ids, clip_ids = encode_clips(tokenizer, chw, times, device)
             contexts.append(context_ids)
@@ -194,7 +192,7 @@ def collect_clips(config: EvalConfig, tokenizer, device: torch.device) -> EvalCl
         episodes.append(torch.full((len(times),), index))
     if not frames:
         span = clip_span(clip_frames, config.frame_skip)
-        raise ValueError(f"episodes {config.episodes!r} has no {config.split!r} episode with the {span} frames a clip "
+        raise UsageError(f"episodes {config.episodes!r} has no {config.split!r} episode with the {span} frames a clip "
                          "needs")
     clips = EvalClips(torch.cat(frames), torch.cat(ids), torch.cat(actions),
                       torch.cat(contexts) if multi else None, torch.cat(episodes), grid)
@@ -215,7 +213,7 @@ def clip_layout(config: EvalConfig, tokenizer, clips: EvalClips) -> SequenceLayo
 def check_model_reads(model: WorldModelTransformer, layout: SequenceLayout, model_path: str) -> None:
     """The model's vocabulary and positions must hold the layout's sequences."""
     if model.config.vocab_size < layout.vocab_size or model.config.max_position_embeddings < layout.seq_len:
-        raise ValueError(f"model {model_path!r} (vocab {model.config.vocab_size}, "
+        raise UsageError(f"model {model_path!r} (vocab {model.config.vocab_size}, "
                          f"{model.config.max_position_embeddings} positions) cannot read these clips' {layout.mode} "
                          f"sequences (vocab {layout.vocab_size}, {layout.seq_len} tokens): are context_frames, "
                          "predicted_frames and the tokenizer the model's?")
@@ -326,7 +324,7 @@ def evaluate(config: EvalConfig) -> dict:
     config.check_inputs()
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(config.tokenizer, map_location=device).requires_grad_(False)
-    model = WorldModelTransformer.from_pretrained(config.model, device=device).eval()
+    model = checkpoint.load_model(config.model, "model", device=device).eval()
     clips = collect_clips(config, tokenizer, device)
     layout = clip_layout(config, tokenizer, clips)
     check_model_reads(model, layout, config.model)

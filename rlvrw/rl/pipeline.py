@@ -38,15 +38,15 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from rlvrw import files
+from rlvrw import files, usage
 from rlvrw.rl.evaluate import RESULT_FILE, EvalConfig, evaluate, format_table, resolve_device
+from rlvrw.usage import ArgumentParser, UsageError, check_types, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -132,15 +132,7 @@ class PipelineConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if isinstance(default, float):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            else:
-                ok = type(value) is type(default)  # exact: True is not an int setting, 3 is not a bool one
-            if not ok:
-                raise ValueError(f"{f.name} must be a {type(default).__name__}, got {value!r}")
+        check_types(self)  # True is not an int setting, 3 is not a bool one, numbers are finite
         for name in ("sim_episodes", "sim_frames", "frame_size", "data_workers", "tokenizer_layers_per_block",
                      "tokenizer_latent_channels", "tokenizer_num_groups", "tokenizer_steps", "tokenizer_batch_size",
                      "context_frames", "pretrain_steps", "pretrain_batch_size", "rl_steps", "rl_prompts",
@@ -472,9 +464,11 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.quick:
             overrides.setdefault("preset", "smoke")
         config = resolve_config(read_config_file(args.config) if args.config else None, overrides)
-    except ValueError as err:
-        print(f"rlvrw train: error: {err}", file=sys.stderr)
-        return 2
+    except UsageError:
+        raise
+    except ValueError as err:  # the settings' own checks (and a config file that is no JSON): about a setting
+        raise UsageError(str(err)) from err
+    usage.output_dir("--run-dir", args.run_dir)
     summary = run(config, args.run_dir)
     print_summary(summary, Path(args.run_dir))
     return 0
@@ -499,9 +493,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m rlvrw.rl.pipeline ...``: the same as ``rlvrw train ...``."""
-    parser = argparse.ArgumentParser(prog="rlvrw train", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="rlvrw train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    return run_cli(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_command("rlvrw train", lambda: run_cli(args))
 
 
 if __name__ == "__main__":

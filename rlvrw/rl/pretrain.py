@@ -81,10 +81,13 @@ from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models.tokenizer import CompressiveTokenizer
 from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
 from rlvrw.ops import _checks
-from rlvrw import files
+from rlvrw import files, usage
+from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard
 from rlvrw.rl import checkpoint, distributed
-from rlvrw.rl.config import RunConfig, config_command, option, print_summary
+from rlvrw.rl.checkpoint import RESUME_HELP
+from rlvrw.rl.config import RunConfig, check_model_dir, check_token_cache, config_command, option, print_summary
 from rlvrw.rl.logging import TENSORBOARD_CHOICES, RunLogger
+from rlvrw.usage import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +237,7 @@ def load_token_cache(path: str | Path) -> TokenCache:
     elif path.is_file():
         files = [path]
     else:
-        raise ValueError(f"path must be a token cache (.npz file or a directory of them), got {str(path)!r}")
+        raise UsageError(f"path must be a token cache (.npz file or a directory of them), got {str(path)!r}")
     parts, skipped = [], []
     for file in files:
         try:
@@ -248,7 +251,7 @@ def load_token_cache(path: str | Path) -> TokenCache:
             continue
         parts.append(part)
     if not parts:
-        raise ValueError(f"path {str(path)!r} holds no usable token cache file ({len(skipped)} skipped)")
+        raise UsageError(f"path {str(path)!r} holds no usable token cache file ({len(skipped)} skipped)")
     num_frames = max(part.frame_ids.shape[1] for part in parts)
     contexts = [part.context_ids for part in parts]
     return TokenCache(
@@ -362,7 +365,7 @@ def _tokenize_each(episodes: Iterable, tokenize: Callable, progress: bool) -> tu
             continue
         parts.append(part)
     if not parts:
-        raise ValueError(f"episodes held no usable episode ({skipped} skipped)")
+        raise UsageError(f"episodes held no usable episode ({skipped} skipped)")
     return parts, skipped
 
 
@@ -467,12 +470,12 @@ class ClipSampler:
         self.cache, self.layout, self.frame_skip, self.seed = cache, layout, frame_skip, seed
         self._check_ids()
         if cache.context_ids is not None and frame_skip != 1:
-            raise ValueError(f"frame_skip must be 1 for a multi-step cache (its rows are clips), got {frame_skip}")
+            raise UsageError(f"frame_skip must be 1 for a multi-step cache (its rows are clips), got {frame_skip}")
         self.span = (layout.num_frames - 1) * frame_skip + 1  # frames of an episode that one clip covers
         self.eligible = np.flatnonzero(cache.episode_lengths >= self.span)
         too_short = cache.num_episodes - self.eligible.size
         if self.eligible.size == 0:
-            raise ValueError(f"no episode of the token cache has the {self.span} frames a clip needs "
+            raise UsageError(f"no episode of the token cache has the {self.span} frames a clip needs "
                              f"({layout.num_frames} frames, frame_skip {frame_skip})")
         if too_short:
             logger.warning("%d of %d episodes are shorter than a clip (%d frames) and are never sampled",
@@ -486,7 +489,7 @@ class ClipSampler:
             ranges.append(("context_ids", cache.context_ids, layout.codebook_size))
         for name, array, upper in ranges:
             if int(array.max()) >= upper:
-                raise ValueError(f"token cache {name} holds ids up to {int(array.max())}, the layout allows "
+                raise UsageError(f"token cache {name} holds ids up to {int(array.max())}, the layout allows "
                                  f"[0, {upper})")
 
     def clips(self, step: int, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -520,7 +523,7 @@ def layout_for_cache(cache: TokenCache, context_frames: int, codebook_size: int,
         return SequenceLayout.single_step(cache.frame_tokens, context_frames, cache.action_dims, action_bins, codebook)
     predicted = int(cache.episode_lengths.min()) - context_frames
     if predicted < 1:
-        raise ValueError(f"a multi-step cache needs clips longer than context_frames ({context_frames}); its shortest "
+        raise UsageError(f"a multi-step cache needs clips longer than context_frames ({context_frames}); its shortest "
                          f"has {int(cache.episode_lengths.min())} frames")
     return SequenceLayout.multi_step(cache.context_ids.shape[1], cache.frame_tokens, context_frames, predicted,
                                      cache.action_dims, action_bins, codebook)
@@ -606,14 +609,15 @@ class PretrainConfig(RunConfig):
     log_every: int = option(10, "log every this many steps")
     save_every: int = option(500, "checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = option(2, "checkpoints kept (older ones are deleted)")
-    resume: bool = option(True, "continue from the newest checkpoint in OUT/checkpoints (off: refuse to run "
-                                 "where one exists)")
+    resume: bool | None = option(None, RESUME_HELP)
+    on_nonfinite: str = option("stop", ON_NONFINITE_HELP, choices=ON_NONFINITE)
     stop_at_step: int = option(0, "end this run after this step, schedule unchanged (0: train all steps)")
     tensorboard: str = option("auto", "TensorBoard logs: auto (when installed), on or off",
                                choices=TENSORBOARD_CHOICES)
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.frame_size is not None:
             self.frame_size = tuple(self.frame_size)
         self.betas = tuple(self.betas)
@@ -632,7 +636,8 @@ class PretrainConfig(RunConfig):
         if self.frame_size is not None and (len(self.frame_size) != 2 or min(self.frame_size) < 1):
             raise ValueError(f"frame_size must be (H, W) positive, got {self.frame_size!r}")
         for name, choices in (("model", MODEL_SIZES), ("precision", PRECISIONS),
-                              ("parallel", distributed.STRATEGIES), ("tensorboard", TENSORBOARD_CHOICES)):
+                              ("parallel", distributed.STRATEGIES), ("tensorboard", TENSORBOARD_CHOICES),
+                              ("on_nonfinite", ON_NONFINITE)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if not isinstance(self.model_overrides, dict):
@@ -648,6 +653,17 @@ class PretrainConfig(RunConfig):
         if self.stop_at_step > self.steps:
             raise ValueError(f"stop_at_step ({self.stop_at_step}) must be at most steps ({self.steps})")
 
+    def check_inputs(self) -> None:
+        """The files a run reads must exist (``rlvrw.usage``'s one-line errors), and ``out_dir`` be no file."""
+        if self.data:
+            check_token_cache("data", self.data)
+        else:
+            usage.existing_dir("episodes", self.episodes, "a directory of episode .npz files", "*.npz")
+            usage.existing_file("tokenizer", self.tokenizer, "a tokenizer checkpoint from `rlvrw tokenizer`")
+        if self.init_from:
+            check_model_dir("init_from", self.init_from)
+        usage.output_dir("out_dir", self.out_dir)
+
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -658,14 +674,14 @@ class PretrainConfig(RunConfig):
 def build_world_model(config: PretrainConfig, layout: SequenceLayout) -> WorldModelTransformer:
     """The model to train: ``init_from``'s weights, or a fresh one of the configured size and the layout's vocab."""
     if config.init_from:
-        model = WorldModelTransformer.from_pretrained(config.init_from, attention_backend=config.attention_backend)
+        model = checkpoint.load_model(config.init_from, "init_from", attention_backend=config.attention_backend)
     else:
         sizes = dict(vocab_size=layout.vocab_size, max_position_embeddings=max(layout.seq_len, 8192))
         sizes.update(config.model_overrides)
         model_config = WorldModelConfig.small(**sizes) if config.model == "small" else WorldModelConfig(**sizes)
         model = WorldModelTransformer(model_config, attention_backend=config.attention_backend)
     if model.config.vocab_size < layout.vocab_size or model.config.max_position_embeddings < layout.seq_len:
-        raise ValueError(f"the model (vocab {model.config.vocab_size}, {model.config.max_position_embeddings} "
+        raise UsageError(f"the model (vocab {model.config.vocab_size}, {model.config.max_position_embeddings} "
                          f"positions) cannot read the layout's sequences (vocab {layout.vocab_size}, "
                          f"{layout.seq_len} tokens)")
     return model
@@ -753,12 +769,15 @@ def train_step(
     grad_clip: float,
     dtype: torch.dtype | None,
     world_size: int,
+    guard: NonFiniteGuard | None = None,
+    step: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches of whole sequences; returns (this rank's summed NLL,
     the gradient norm before clipping), 0-d tensors on the device (no host sync).
 
     Each micro-batch's summed NLL is divided by ``global_loss_tokens`` (all ranks, all micro-batches) and multiplied
-    by ``world_size``, which undoes the data-parallel averaging: the gradient is that of the global mean.
+    by ``world_size``, which undoes the data-parallel averaging: the gradient is that of the global mean. With a
+    ``guard`` (``rlvrw.guard``), the update of a step whose loss or gradient norm is not finite is not applied.
     """
     device = micro_batches[0].device
     scale = world_size / global_loss_tokens
@@ -772,11 +791,14 @@ def train_step(
             (nll * scale).backward()
         nll_sum += nll.detach().float()
     grad_norm = nn.utils.clip_grad_norm_(wrapped.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
         grad_norm = grad_norm.full_tensor()
+    if guard is None:
+        optimizer.step()
+    else:
+        guard.step(optimizer, step, loss=nll_sum, grad_norm=grad_norm)
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
     return nll_sum, grad_norm
 
 
@@ -810,7 +832,8 @@ def episode_stream(root: str | Path, frame_size: tuple[int, int] | None = None, 
                    action_bins: int = NUM_BINS):
     """(frames (T, H, W, 3) uint8, action_bins (T, A)) of every readable episode of ``split`` in an episode
     directory (``rlvrw.data.rt1``'s format), actions cut into ``action_bins`` bins per dimension with the data set's
-    statistics; unreadable files and episodes without actions are logged, skipped and counted."""
+    statistics; unreadable files, episodes without actions and those of another action width are logged, skipped and
+    counted."""
     from rlvrw.data import rt1
     from rlvrw.data.actions import ActionDiscretizer
 
@@ -820,7 +843,10 @@ def episode_stream(root: str | Path, frame_size: tuple[int, int] | None = None, 
         try:
             episode = rt1.load_episode(path)
             if episode.action is None:
-                raise rt1.CorruptEpisodeError(f"{path}: no actions")
+                raise rt1.CorruptEpisodeError(f"{path}: no actions (an image-only episode)")
+            if episode.action.shape[1] != discretizer.action_dims:
+                raise rt1.CorruptEpisodeError(f"{path}: {episode.action.shape[1]}-D actions, but the data set's are "
+                                              f"{discretizer.action_dims}-D")
         except rt1.CorruptEpisodeError as err:
             skipped += 1
             logger.warning("skipping episode file (%d skipped so far): %s", skipped, err)
@@ -833,7 +859,9 @@ def episode_stream(root: str | Path, frame_size: tuple[int, int] | None = None, 
 
 def pretrain(config: PretrainConfig) -> dict:
     """Train (or continue training) the world model as ``config`` says; see the module doc. Under torchrun every
-    process calls this. Returns a summary: {"step", "loss", "tokens_per_s", "checkpoint", "model_dir"}."""
+    process calls this. Returns a summary: {"step", "loss", "tokens_per_s", "checkpoint", "model_dir",
+    "nonfinite_skipped"}."""
+    config.check_inputs()
     joined_here = not dist.is_initialized()
     context = distributed.setup(config.device)
     try:
@@ -868,6 +896,7 @@ def _train(config: PretrainConfig, context: distributed.DistributedContext) -> d
     start_step, found = checkpoint.start_or_resume(checkpoint_dir, out_dir, config, world_model, optimizer, scheduler,
                                                    context.is_main)
     end_step = config.stop_at_step or config.steps
+    guard = NonFiniteGuard(config.on_nonfinite, "pretrain", skipped=checkpoint.skipped_steps(found))
 
     global_batch = config.micro_batch_size * config.grad_accum_steps * context.world_size
     loss_tokens_per_sequence = int(layout.tables().loss_mask.sum())
@@ -893,18 +922,20 @@ def _train(config: PretrainConfig, context: distributed.DistributedContext) -> d
                 for row in range(first_row, first_row + rank_rows, config.micro_batch_size)
             ]
             lr = scheduler.get_last_lr()[0]
+            done = step + 1
             nll, grad_norm = train_step(wrapped, optimizer, scheduler, micro_batches, global_loss_tokens,
-                                        config.grad_clip, dtype, context.world_size)
+                                        config.grad_clip, dtype, context.world_size, guard, done)
             nll_since_log += nll
             steps_since_log += 1
-            done = step + 1
             if done % config.log_every == 0 or done == end_step:
+                guard.check()  # before the loss is read: a stopped run logs no non-finite loss
                 loss = distributed.all_reduce_sum(nll_since_log).item() / (global_loss_tokens * steps_since_log)
                 elapsed = time.perf_counter() - log_start  # after the .item() above: the device has finished
                 metrics = {
                     "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                     "tokens_per_s": tokens_per_step * steps_since_log / elapsed,
                     "step_time_s": elapsed / steps_since_log, "tokens": done * tokens_per_step,
+                    "nonfinite_skipped": guard.skipped,
                 }
                 if peak is not None:
                     metrics["mfu"] = flops_per_step * steps_since_log / elapsed / peak
@@ -915,11 +946,12 @@ def _train(config: PretrainConfig, context: distributed.DistributedContext) -> d
             if done % config.save_every == 0 or done == end_step:
                 state = {"config": config.to_dict(), "data": {"seed": config.seed, "next_step": done,
                                                               "sequences_seen": done * global_batch},
-                         "tokens": done * tokens_per_step}
+                         "tokens": done * tokens_per_step, "nonfinite_skipped": guard.check()}
                 path = checkpoint.save_checkpoint(checkpoint_dir, done, world_model, optimizer, scheduler, state,
                                                   keep_last=config.keep_checkpoints)
                 summary["checkpoint"] = str(path)
             run_log.advance()
+    summary["nonfinite_skipped"] = guard.check()
     if end_step == config.steps:
         summary["model_dir"] = str(checkpoint.save_model(out_dir / "model", world_model))
     return summary

@@ -59,12 +59,15 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import rlvrw.ops as ops
+from rlvrw import usage
 from rlvrw.data.sequences import SequenceLayout
+from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard
 from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
 from rlvrw.ops import _checks
 from rlvrw.reference.grpo import ADVANTAGE_SCALES, KL_TYPES, LOSS_AGGS
 from rlvrw.rl import checkpoint, distributed
-from rlvrw.rl.config import RunConfig, config_command, option, print_summary
+from rlvrw.rl.checkpoint import RESUME_HELP
+from rlvrw.rl.config import RunConfig, check_model_dir, check_token_cache, config_command, option, print_summary
 from rlvrw.rl.logging import TENSORBOARD_CHOICES, RunLogger
 from rlvrw.rl.pretrain import (
     MODEL_SIZES,
@@ -79,6 +82,7 @@ from rlvrw.rl.pretrain import (
     value_checks_off_on_gpu,
 )
 from rlvrw.rl.rollout import GroupSampler, Rollout
+from rlvrw.usage import UsageError
 
 
 OLD_LOGP_SOURCES = ("recompute", "rollout")
@@ -148,14 +152,15 @@ class RLConfig(RunConfig):
     log_every: int = option(1, "log every this many steps (logging reads the metrics back: a host sync)")
     save_every: int = option(50, "checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = option(2, "checkpoints kept (older ones are deleted)")
-    resume: bool = option(True, "continue from the newest checkpoint in OUT/checkpoints (off: refuse to run "
-                                 "where one exists)")
+    resume: bool | None = option(None, RESUME_HELP)
+    on_nonfinite: str = option("stop", ON_NONFINITE_HELP, choices=ON_NONFINITE)
     stop_at_step: int = option(0, "end this run after this step, schedule unchanged (0: run all steps)")
     tensorboard: str = option("auto", "TensorBoard logs: auto (when installed), on or off",
                                choices=TENSORBOARD_CHOICES)
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.token_grid is not None:
             self.token_grid = tuple(self.token_grid)
             if len(self.token_grid) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
@@ -186,7 +191,7 @@ class RLConfig(RunConfig):
                               ("kl_type", KL_TYPES), ("loss_agg", LOSS_AGGS), ("adv_scale", ADVANTAGE_SCALES),
                               ("old_logp", OLD_LOGP_SOURCES), ("ref_dtype", tuple(REFERENCE_DTYPES)),
                               ("lpips_net", LPIPS_NETS), ("precision", PRECISIONS),
-                              ("tensorboard", TENSORBOARD_CHOICES)):
+                              ("tensorboard", TENSORBOARD_CHOICES), ("on_nonfinite", ON_NONFINITE)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if not isinstance(self.model_overrides, dict):
@@ -204,12 +209,13 @@ class RLConfig(RunConfig):
                     kl_coef=self.kl_coef, kl_type=self.kl_type, loss_agg=self.loss_agg)
 
     def check_inputs(self) -> None:
-        """The files a run reads must be named (the trainer alone, as tests build it, needs none)."""
-        for name in ("data", "tokenizer"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} is required: "
-                                 + ("a token cache (.npz or a directory)" if name == "data"
-                                    else "a tokenizer checkpoint from `rlvrw tokenizer`"))
+        """The files a run reads must exist, and ``out_dir`` be no file (the trainer alone, as tests build it, needs
+        none of them)."""
+        check_token_cache("data", self.data)
+        usage.existing_file("tokenizer", self.tokenizer, "a tokenizer checkpoint from `rlvrw tokenizer`")
+        if self.init_from:
+            check_model_dir("init_from", self.init_from)
+        usage.output_dir("out_dir", self.out_dir)
 
 
 
@@ -297,27 +303,27 @@ class FrameRenderer:
                  dtype: torch.dtype = torch.float32):
         self.tokenizer, self.layout, self.dtype = tokenizer, layout, dtype
         if not hasattr(tokenizer, "decode_fast") or not hasattr(tokenizer, "codebook_size"):
-            raise ValueError("tokenizer must be a FrameTokenizer or CompressiveTokenizer, got "
+            raise UsageError("tokenizer must be a FrameTokenizer or CompressiveTokenizer, got "
                              f"{type(tokenizer).__name__}")
         if tokenizer.codebook_size != layout.codebook_size:
-            raise ValueError(f"tokenizer's codebook ({tokenizer.codebook_size} codes) differs from the layout's "
+            raise UsageError(f"tokenizer's codebook ({tokenizer.codebook_size} codes) differs from the layout's "
                              f"({layout.codebook_size})")
         if layout.multi:
             if not hasattr(tokenizer, "future_grid"):
-                raise ValueError("a multi-step layout needs a CompressiveTokenizer (context and future grids)")
+                raise UsageError("a multi-step layout needs a CompressiveTokenizer (context and future grids)")
             self.context_grid, self.grid = tuple(tokenizer.context_grid), tuple(tokenizer.future_grid)
             if self.context_grid[0] * self.context_grid[1] != layout.context_tokens:
-                raise ValueError(f"tokenizer's context grid {self.context_grid} does not hold the layout's "
+                raise UsageError(f"tokenizer's context grid {self.context_grid} does not hold the layout's "
                                  f"{layout.context_tokens} context tokens")
         else:
             if hasattr(tokenizer, "future_grid"):
-                raise ValueError("a single-step layout needs a FrameTokenizer")
+                raise UsageError("a single-step layout needs a FrameTokenizer")
             side = math.isqrt(layout.frame_tokens)
             if token_grid is None and side * side != layout.frame_tokens:
-                raise ValueError(f"token_grid is required: {layout.frame_tokens} tokens per frame is not a square")
+                raise UsageError(f"token_grid is required: {layout.frame_tokens} tokens per frame is not a square")
             self.grid = tuple(token_grid) if token_grid is not None else (side, side)
         if self.grid[0] * self.grid[1] != layout.frame_tokens:
-            raise ValueError(f"token grid {self.grid} does not hold the layout's {layout.frame_tokens} frame tokens")
+            raise UsageError(f"token grid {self.grid} does not hold the layout's {layout.frame_tokens} frame tokens")
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
@@ -418,6 +424,7 @@ class GRPOTrainer:
         self.renderer = FrameRenderer(tokenizer, layout, config.token_grid, decode_dtype)
         self.response_positions = self.scorer.response_positions.to(device)
         self.loss_options = config.loss_options()
+        self.guard = NonFiniteGuard(config.on_nonfinite, "rl")
 
     def _sync_rollout_model(self) -> None:
         """Copy the policy's weights into the sampler's copy (in place: a captured CUDA graph reads these tensors)."""
@@ -450,7 +457,7 @@ class GRPOTrainer:
                 lpips = (-rewards - config.l1_weight * l1) / config.lpips_weight if config.lpips_weight else 0 * l1
                 advantages = ops.group_advantages(rewards, group, config.adv_eps, config.adv_scale)
             timer.mark("reward")
-            sums = self.update(rollout, advantages)
+            sums = self.update(rollout, advantages, step + 1)
             timer.mark("update")
         # float64: the std comes from E[r^2] - E[r]^2 over every rank, which cancels most of fp32's digits
         sums.update(reward=rewards.double().sum(), reward_sq=rewards.double().square().sum(), reward_l1=l1.sum(),
@@ -458,11 +465,12 @@ class GRPOTrainer:
                     samples=torch.full((), float(rewards.numel()), device=rewards.device))
         return sums, timer
 
-    def update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+    def update(self, rollout: Rollout, advantages: torch.Tensor, step: int | None = None) -> dict[str, torch.Tensor]:
         """The policy-gradient half of a step: the GRPO loss over micro-batches of this rank's rollouts, normalized
-        by the global token (or sequence) count, backward, gradient clipping, AdamW. advantages (n,). Returns the
-        loss terms' sums over micro-batches (each already divided by the global token count, so the sum over ranks
-        is the global mean) and ``grad_norm``."""
+        by the global token (or sequence) count, backward, gradient clipping, AdamW (through ``self.guard``: not
+        applied when a loss term or the gradient norm is not finite; ``step`` names the step in its report).
+        advantages (n,). Returns the loss terms' sums over micro-batches (each already divided by the global token
+        count, so the sum over ranks is the global mean) and ``grad_norm``."""
         config, device = self.config, self.context.device
         ids, world = rollout.ids, self.context.world_size
         rows, length = ids.shape[0], self.scorer.num_tokens
@@ -497,7 +505,8 @@ class GRPOTrainer:
                 sums["logp_gap"] += (logp.detach() - sampled_logp[part]).abs().sum() / global_tokens
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
-        self.optimizer.step()
+        self.guard.step(self.optimizer, step, loss=sums["loss"], pg_loss=sums["pg_loss"], kl=sums["kl"],
+                        grad_norm=grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums["grad_norm"] = grad_norm.detach()
@@ -559,7 +568,7 @@ def _train(config: RLConfig, context: distributed.DistributedContext) -> dict:
     out_dir, device = Path(config.out_dir), context.device
     checkpoint_dir = out_dir / "checkpoints"
     if config.prompts_per_step % context.world_size:
-        raise ValueError(f"prompts_per_step ({config.prompts_per_step}) must be divisible by the number of processes "
+        raise UsageError(f"prompts_per_step ({config.prompts_per_step}) must be divisible by the number of processes "
                          f"({context.world_size}): every process rolls out whole groups of its own prompts")
     cache = load_token_cache(config.data)
     layout = layout_for_cache(cache, config.context_frames, config.codebook_size, config.action_bins)
@@ -573,6 +582,7 @@ def _train(config: RLConfig, context: distributed.DistributedContext) -> dict:
     start_step, found = checkpoint.start_or_resume(checkpoint_dir, out_dir, config, policy, trainer.optimizer,
                                                    trainer.scheduler, context.is_main)
     end_step = config.stop_at_step or config.steps
+    trainer.guard.skipped = checkpoint.skipped_steps(found)
 
     local_prompts = config.prompts_per_step // context.world_size
     rank_rows = slice(context.rank * local_prompts, (context.rank + 1) * local_prompts)
@@ -595,20 +605,23 @@ def _train(config: RLConfig, context: distributed.DistributedContext) -> dict:
             steps_since_log += 1
             done = step + 1
             if done % config.log_every == 0 or done == end_step:
+                trainer.guard.check()  # before the metrics are read: a stopped run logs no non-finite loss
                 metrics = reduce_metrics(sums, timer)  # waits for the device
                 elapsed = time.perf_counter() - log_start
                 metrics.update(lr=lr, tokens_per_s=sampled_tokens_per_step * steps_since_log / elapsed,
-                               step_time_s=elapsed / steps_since_log)
+                               step_time_s=elapsed / steps_since_log, nonfinite_skipped=trainer.guard.skipped)
                 run_log.log(done, metrics)
                 summary.update(step=done, reward_mean=metrics["reward_mean"])
                 steps_since_log, log_start = 0, time.perf_counter()
             if done % config.save_every == 0 or done == end_step:
                 state = {"config": config.to_dict(), "data": {"seed": config.seed, "next_step": done,
-                                                              "prompts_seen": done * config.prompts_per_step}}
+                                                              "prompts_seen": done * config.prompts_per_step},
+                         "nonfinite_skipped": trainer.guard.check()}
                 path = checkpoint.save_checkpoint(checkpoint_dir, done, policy, trainer.optimizer, trainer.scheduler,
                                                   state, keep_last=config.keep_checkpoints)
                 summary["checkpoint"] = str(path)
             run_log.advance()
+    summary["nonfinite_skipped"] = trainer.guard.check()
     if end_step == config.steps:
         summary["model_dir"] = str(checkpoint.save_model(out_dir / "model", policy))
     return summary
