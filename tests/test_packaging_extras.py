@@ -89,14 +89,15 @@ else:
     "flash-attn": (["flash_attn"], """
 import torch
 from rlvrw.models import WorldModelConfig, WorldModelTransformer
-from rlvrw.models import transformer as T
+from rlvrw.models import attention as A
+A._device_capability = lambda device: (9, 0)  # decide as on an H100, with no GPU here
 cuda = torch.device("cuda")
-assert T._flash_attn() is None
-assert T.resolve_attention_backend("auto", cuda, torch.bfloat16) in ("xformers", "sdpa")
+assert "flash_attn is not installed" in A._flash_attn().unavailable
+assert A.resolve_attention_backend("auto", cuda, torch.bfloat16, 64) in ("xformers", "sdpa")
 try:
-    T.resolve_attention_backend("flash", cuda, torch.bfloat16)
+    A.resolve_attention_backend("flash", cuda, torch.bfloat16, 64)
 except ValueError as exc:
-    assert "flash-attn" in str(exc)
+    assert "flash_attn" in str(exc)
 else:
     raise AssertionError("flash attention resolved without flash-attn")
 model = WorldModelTransformer(WorldModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64,
@@ -106,15 +107,17 @@ out = model(torch.randint(0, 40, (2, 8)))
 assert torch.isfinite(out if torch.is_tensor(out) else out[0]).all()
 """),
     "xformers": (["xformers"], """
+import types
 import torch
-from rlvrw.models import transformer as T
+from rlvrw.models import attention as A
+A._device_capability = lambda device: (9, 0)  # decide as on an H100, with no GPU here
+A._flash_attn = lambda: types.SimpleNamespace(unavailable="hidden too")  # neither accelerator: PyTorch's SDPA
 cuda = torch.device("cuda")
-assert T._xformers_ops() is None
-T._flash_attn = lambda: None  # neither accelerator: PyTorch's SDPA
-assert T.resolve_attention_backend("auto", cuda, torch.float32) == "sdpa"
-assert T.resolve_attention_backend("auto", cuda, torch.bfloat16) == "sdpa"
+assert "xformers is not installed" in A._xformers_ops().unavailable
+assert A.resolve_attention_backend("auto", cuda, torch.float32, 64) == "sdpa"
+assert A.resolve_attention_backend("auto", cuda, torch.bfloat16, 64) == "sdpa"
 try:
-    T.resolve_attention_backend("xformers", cuda, torch.float32)
+    A.resolve_attention_backend("xformers", cuda, torch.float32, 64)
 except ValueError as exc:
     assert "xformers" in str(exc)
 else:

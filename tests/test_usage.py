@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED
+from conftest import EXAMPLE_DATA
 from rlvrw import usage
 from rlvrw.cli import main
 from rlvrw.usage import UsageError
@@ -220,9 +220,7 @@ def test_debug_shows_the_traceback(inputs):
 
 @pytest.fixture
 def one_record(tmp_path) -> Path:
-    sample = SHARED / "data" / "text_game" / "bytesized32_train_sample.jsonl"
-    if not sample.exists():
-        pytest.skip(f"the ByteSized32 sample is absent ({sample})")
+    sample = EXAMPLE_DATA / "text_game" / "bytesized32_train_sample.jsonl"
     data = tmp_path / "records.jsonl"
     data.write_text(sample.read_text().splitlines()[0] + "\n")
     return data
