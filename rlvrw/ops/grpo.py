@@ -14,7 +14,7 @@ import torch
 from rlvrw import reference
 from rlvrw.ops import _backend, _checks
 from rlvrw.ops._primitives import logits_passes
-from rlvrw.ops.logprobs import _check_temperature, resolve_logits_backend
+from rlvrw.ops.logprobs import _check_temperature, logits_rows, resolve_logits_backend
 from rlvrw.reference.grpo import ADVANTAGE_SCALES, KL_TYPES, LOSS_AGGS, RATIO_LEVELS
 from rlvrw.reference.logprobs import compute_dtype
 
@@ -266,16 +266,15 @@ def grpo_loss_from_logits(
     vocab = logits.shape[-1]
     _checks.token_ids("tokens", tokens, vocab, valid)
     tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
-    logits2d, tokens1d = logits.reshape(-1, vocab), tokens.reshape(-1)
-    name = resolve_logits_backend("grpo_loss_from_logits", logits2d, tokens1d, backend)
+    tokens1d = tokens.reshape(-1)
+    name = resolve_logits_backend("grpo_loss_from_logits", logits, tokens1d, backend)
     if name == "reference":
         return reference.grpo_loss_from_logits(
             logits, tokens, old_logp, advantages, mask, ref_logp, temperature, **opts.as_kwargs()
         )
-    if logits2d.stride(-1) != 1:
-        logits2d = logits2d.contiguous()
     loss, row_stats = GRPOLossFromLogitsFunction.apply(
-        logits2d, tokens1d, old_logp, advantages, valid, ref_logp, 1.0 / temperature, opts, inplace_backward, name
+        logits_rows(logits), tokens1d, old_logp, advantages, valid, ref_logp, 1.0 / temperature, opts,
+        inplace_backward, name,
     )
     return loss, _stats(row_stats)
 
