@@ -120,7 +120,14 @@ def _online_update(m, s, t, z, WITH_ENTROPY: tl.constexpr):
     return m_new, s, t
 
 
-@triton.jit(do_not_specialize=["rows_per_seq", "seq_stride", "row_stride", "n_cols"])
+# The row layout and sizes are not specialized (16-divisible or not): the head/body/tail split makes the loads the same
+# either way, and one binary then serves every vocabulary, stride and row count. Nor is the alignment of the per-row
+# vectors (a chunk's tokens[rows] slice): they are read once per row.
+_PER_ROW = ["tokens_ptr", "lse_ptr", "grad_logp_ptr", "entropy_ptr", "grad_entropy_ptr"]
+_LAYOUT = ["rows_per_seq", "seq_stride", "row_stride", "n_rows", "n_cols"]
+
+
+@triton.jit(do_not_specialize=_LAYOUT, do_not_specialize_on_alignment=_PER_ROW[:1])
 def _logits_forward_kernel(
     logits_ptr,
     rows_per_seq,
@@ -188,9 +195,7 @@ def _grad_tile(z, cols, tok, lse, c_logp, c_ent, ent, live, WITH_ENTROPY: tl.con
     return tl.where(live[:, None], grad, 0.0)
 
 
-@triton.jit(
-    do_not_specialize=["rows_per_seq", "seq_stride", "row_stride", "out_seq_stride", "out_row_stride", "n_cols"]
-)
+@triton.jit(do_not_specialize=_LAYOUT + ["out_seq_stride", "out_row_stride"], do_not_specialize_on_alignment=_PER_ROW)
 def _logits_backward_kernel(
     logits_ptr,
     rows_per_seq,
@@ -268,11 +273,11 @@ def _logits_backward_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 
 # The kernels are memory bound (one read forward; one read and one write backward), so the tiles aim at enough bytes
-# in flight per program, few masked lanes and no register spills. Register counts below are ptxas -v for sm_90 with
-# entropy on, bf16 logits: one row x 8192 with 8 warps uses 56-63 registers (the backward 40 with 16-byte aligned rows,
-# 100 without); packed rows cost more because every row carries its own 64-bit base: 8 x 1024 with 8 warps spills when
-# the row stride is not a multiple of 8 elements, 4 x 1024 with 4 warps uses 64 registers and does not; 16 rows of
-# 256 spill, 8 rows do not.
+# in flight per program, few masked lanes and no register spills. Registers on sm_90 (bench/results/sm90-static.md,
+# all with 16-byte loads and stores): one row x 8192 with 8 warps, 53-63 forward and 48-87 backward; 4 rows x 1024
+# with 4 warps, 62-64 forward and 64-89 backward (sm_80: up to 122, fp32 with the entropy term); no spills. Before the
+# rows were split into head, body and tail, 8 x 1024 with 8 warps spilled when the row stride was not a multiple of 8
+# elements and 16 rows of 256 spilled.
 MAX_BLOCK_V = 8192  # columns per loop step of one row
 MAX_PACKED_TILE = 4096  # elements per loop step when a program packs several rows (BLOCK_N > 1)
 MAX_BLOCK_N = 8  # rows per program
