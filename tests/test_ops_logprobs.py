@@ -165,8 +165,9 @@ def _cuda_ready() -> bool:
     return torch.cuda.is_available() and _C_loader.load()
 
 
-KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not _cuda_ready(), reason="needs CUDA and the built rlvrw._C extension")])]
+CUDA = pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not _cuda_ready(), reason="needs CUDA and the built rlvrw._C extension")])
+KERNEL_BACKENDS = ["triton", CUDA]
 
 
 def _spy_on_logits_passes(monkeypatch) -> list:
@@ -195,6 +196,14 @@ def _device(backend, kernel_device):
     return "cuda" if backend == "cuda" else kernel_device
 
 
+def _float_dtype(backend):
+    return torch.float32 if backend == "cuda" else torch.float64  # the CUDA kernels take fp32/bf16/fp16
+
+
+def _tolerance(backend):
+    return dict(rtol=1e-4, atol=1e-5) if backend == "cuda" else dict(rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("entropy", [False, True])
 def test_token_logprobs_reads_a_sliced_logits_tensor_in_place(backend, entropy, kernel_device, monkeypatch):
@@ -202,10 +211,10 @@ def test_token_logprobs_reads_a_sliced_logits_tensor_in_place(backend, entropy, 
     storage and strides of the model's tensor: no copy), and the values and gradients are the reference's."""
     device = _device(backend, kernel_device)
     B, T, V = 2, 3, 4633
-    dtype = torch.float64 if backend == "triton" else torch.float32
+    dtype = _float_dtype(backend)
     full = (torch.randn(B, T + 1, V, dtype=torch.float64) * 3).to(device, dtype)
     tokens = torch.randint(0, V, (B, T)).to(device)
-    weights = torch.randn(2, B, T, dtype=torch.float64).to(device, torch.float32 if dtype == torch.float32 else dtype)
+    weights = torch.randn(2, B, T, dtype=torch.float64).to(device, dtype)
     seen = _spy_on_logits_passes(monkeypatch)
     for inplace in (False, True):
         seen.clear()
@@ -220,9 +229,8 @@ def test_token_logprobs_reads_a_sliced_logits_tensor_in_place(backend, entropy, 
         ref = reference.token_logprobs(r[:, :-1], tokens, 0.7, entropy)
         ref_logp, ref_ent = ref if entropy else (ref, torch.zeros_like(ref))
         ((ref_logp * weights[0].double()).sum() + (ref_ent * weights[1].double()).sum()).backward()
-        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(logp.double(), ref_logp.detach(), **tol)
-        torch.testing.assert_close(x.grad.double(), r.grad, **tol)
+        torch.testing.assert_close(logp.double(), ref_logp.detach(), **_tolerance(backend))
+        torch.testing.assert_close(x.grad.double(), r.grad, **_tolerance(backend))
         assert (x.grad[:, -1] == 0).all()
 
 
@@ -230,9 +238,7 @@ def test_token_logprobs_reads_a_sliced_logits_tensor_in_place(backend, entropy, 
 def test_grpo_loss_from_logits_reads_a_sliced_logits_tensor_in_place(backend, kernel_device, monkeypatch):
     device = _device(backend, kernel_device)
     B, T, V = 3, 4, 1000
-    full = (torch.randn(B, T + 1, V, dtype=torch.float64) * 2).to(device)
-    if backend == "cuda":
-        full = full.float()
+    full = (torch.randn(B, T + 1, V, dtype=torch.float64) * 2).to(device, _float_dtype(backend))
     tokens = torch.randint(0, V, (B, T)).to(device)
     old = torch.randn(B, T, dtype=torch.float64).to(device) * 0.1 - 7
     ref_logp = old + 0.05
@@ -251,9 +257,8 @@ def test_grpo_loss_from_logits_reads_a_sliced_logits_tensor_in_place(backend, ke
     ref_loss, _ = reference.grpo_loss_from_logits(r[:, :-1], tokens, old, advantages, mask, ref_logp, 0.9,
                                                   kl_coef=0.1, dual_clip=3.0)
     ref_loss.backward()
-    tol = dict(rtol=1e-10, atol=1e-12) if full.dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(loss.double(), ref_loss, **tol)
-    torch.testing.assert_close(x.grad.double(), r.grad, **tol)
+    torch.testing.assert_close(loss.double(), ref_loss, **_tolerance(backend))
+    torch.testing.assert_close(x.grad.double(), r.grad, **_tolerance(backend))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -288,16 +293,17 @@ def _garbage_rows(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", CUDA])
 @pytest.mark.parametrize("entropy", [False, True])
 def test_rows_without_gradient_never_give_nonfinite_gradients(backend, entropy, kernel_device):
     """A position whose log-prob (and entropy) gets no gradient gets a zero d(logits) row whatever it holds (NaN,
     inf, all -inf), on every backend; the other rows are unchanged."""
-    device = "cpu" if backend == "reference" else kernel_device
+    device = "cpu" if backend == "reference" else _device(backend, kernel_device)
     n, V = 6, 300
-    logits = _garbage_rows(torch.randn(n, V, dtype=torch.float64) * 2).to(device)
+    dtype = _float_dtype(backend)
+    logits = _garbage_rows(torch.randn(n, V, dtype=torch.float64) * 2).to(device, dtype)
     tokens = torch.randint(0, V, (n,)).to(device)
-    weights = torch.randn(2, n, dtype=torch.float64).to(device)
+    weights = torch.randn(2, n, dtype=torch.float64).to(device, dtype)
     weights[:, :3] = 0
     x = logits.clone().requires_grad_(True)
     out = ops.token_logprobs(x, tokens, 0.8, entropy, backend=backend)
@@ -306,23 +312,23 @@ def test_rows_without_gradient_never_give_nonfinite_gradients(backend, entropy, 
     assert (x.grad[:3] == 0).all() and torch.isfinite(x.grad).all()
     # all -inf: the same values on every backend (lse = logp = -inf, entropy 0)
     assert logp[2] == float("-inf") and (not entropy or ent[2] == 0)
-    clean = logits[3:].clone().requires_grad_(True)
-    ref = reference.token_logprobs(clean.cpu(), tokens[3:].cpu(), 0.8, entropy)
+    clean = logits[3:].cpu().double().requires_grad_(True)
+    ref = reference.token_logprobs(clean, tokens[3:].cpu(), 0.8, entropy)
     ref_logp, ref_ent = ref if entropy else (ref, torch.zeros_like(ref))
     ((ref_logp * weights[0, 3:].cpu()).sum() + (ref_ent * weights[1, 3:].cpu()).sum()).backward()
-    torch.testing.assert_close(x.grad[3:].cpu(), clean.grad.cpu(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad[3:].cpu().double(), clean.grad, **_tolerance(backend))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", CUDA])
 def test_grpo_masked_logits_rows_never_give_nonfinite_gradients(backend, kernel_device):
     """NaN, inf or all -inf anywhere in a masked row: a finite loss and a zero gradient for that row, the same on
     every backend."""
-    device = "cpu" if backend == "reference" else kernel_device
+    device = "cpu" if backend == "reference" else _device(backend, kernel_device)
     B, T, V = 2, 4, 300
     clean = torch.randn(B * T, V, dtype=torch.float64) * 2
     logits = clean.clone()
     logits[[1, 4, 7]] = _garbage_rows(clean[[1, 4, 7]])
-    logits = logits.view(B, T, V).to(device)
+    logits = logits.view(B, T, V).to(device, _float_dtype(backend))
     mask = torch.ones(B, T, dtype=torch.bool)
     mask.view(-1)[[1, 4, 7]] = False
     mask = mask.to(device)
@@ -338,8 +344,8 @@ def test_grpo_masked_logits_rows_never_give_nonfinite_gradients(backend, kernel_
         losses[name], grads[name] = loss.detach().cpu(), x.grad.cpu()
         assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
         assert (x.grad.view(B * T, V)[[1, 4, 7]] == 0).all()
-    torch.testing.assert_close(losses[backend], losses["reference"], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(grads[backend], grads["reference"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(losses[backend], losses["reference"], **_tolerance(backend))
+    torch.testing.assert_close(grads[backend], grads["reference"], **_tolerance(backend))
 
 
 def test_reference_token_logprobs_gradcheck():
