@@ -68,10 +68,11 @@ def _split_row(starts, n_cols, VEC: tl.constexpr):
     from a 16-byte aligned base pointer) and holds a multiple of VEC elements, so it is read in 16-byte vectors
     whatever the row stride; head and tail (fewer than VEC elements each) are read one by one.
     Returns (head length, body length, body start offsets)."""
-    head = tl.minimum((VEC - starts % VEC) % VEC, n_cols).to(tl.int32)
-    body = ((n_cols - head) // VEC) * VEC
-    # The hint must sit on a value computed here: on a function argument it would be lost when Triton inlines.
-    body_starts = tl.multiple_of(starts + head, VEC)
+    to_boundary = (VEC - starts % VEC) % VEC
+    head = tl.minimum(to_boundary, n_cols).to(tl.int32)
+    body = ((n_cols - head) // VEC) * VEC  # 0 in a row too short to reach the boundary (then head = n_cols)
+    # True even then. The hint must sit on a value computed here: on an argument it would be lost in inlining.
+    body_starts = tl.multiple_of(starts + to_boundary, VEC)
     return head, body, body_starts
 
 
@@ -273,11 +274,10 @@ def _logits_backward_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 
 # The kernels are memory bound (one read forward; one read and one write backward), so the tiles aim at enough bytes
-# in flight per program, few masked lanes and no register spills. Registers on sm_90 (bench/results/sm90-static.md,
-# all with 16-byte loads and stores): one row x 8192 with 8 warps, 53-63 forward and 48-87 backward; 4 rows x 1024
-# with 4 warps, 62-64 forward and 64-89 backward (sm_80: up to 122, fp32 with the entropy term); no spills. Before the
-# rows were split into head, body and tail, 8 x 1024 with 8 warps spilled when the row stride was not a multiple of 8
-# elements and 16 rows of 256 spilled.
+# in flight per program, few masked lanes and no register spills. Registers per configuration, sm_90 and sm_80:
+# bench/results/sm90-static.md (48 to 101, one row x 8192 with 8 warps or 4 rows x 1024 with 4 warps, 16-byte loads
+# and stores, no spills). Before the rows were split into head, body and tail, 8 x 1024 with 8 warps spilled when the
+# row stride was not a multiple of 8 elements, and 16 rows of 256 spilled.
 MAX_BLOCK_V = 8192  # columns per loop step of one row
 MAX_PACKED_TILE = 4096  # elements per loop step when a program packs several rows (BLOCK_N > 1)
 MAX_BLOCK_N = 8  # rows per program
