@@ -52,6 +52,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 TABLE = BENCH / "results" / "sm90-static.md"
 TARGETS = (90, 80)  # compute capabilities: H100/H200, A100
+TIMES = "Wall time to compile (or read back from Triton's cache) and analyse, on the machine that wrote this: "
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -516,7 +517,7 @@ def markdown(rep: dict) -> str:
         "of the logits passes' streaming loops (16 B required); `f64` counts fp64 arithmetic / fp64 conversions (of "
         "scalar arguments) in the PTX. After `;` the config lists the integer arguments Triton specialized (`=1`, "
         "`%16`: divisible by 16), and in parentheses the pointers it assumes no 16-byte alignment for (not aligned, "
-        "or not specialized on alignment). Compile time on the machine that wrote this: "
+        "or not specialized on alignment). " + TIMES +
         f"{', '.join(f'{k} {v} s' for k, v in rep['seconds'].items())}.",
         "",
         f"Problems: {len(rep['problems'])}." + "".join(f"\n- {p}" for p in rep["problems"]),
