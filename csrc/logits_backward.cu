@@ -9,7 +9,7 @@ namespace detail {
 // written by the same thread, so aliasing is safe.
 template <typename T, int THREADS, int BLOCK, bool kEntropy>
 __global__ void __launch_bounds__(BLOCK)
-    logits_backward_kernel(const T* logits, int64_t row_stride, T* grad, int64_t grad_row_stride, int64_t n_rows,
+    logits_backward_kernel(const T* logits, RowLayout layout, T* grad, RowLayout grad_layout, int64_t n_rows,
                            int vocab, const int64_t* __restrict__ tokens, float inv_t, const float* __restrict__ lse,
                            const float* __restrict__ grad_logp, const float* __restrict__ entropy,
                            const float* __restrict__ grad_entropy) {
@@ -21,8 +21,8 @@ __global__ void __launch_bounds__(BLOCK)
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS + slot; row < n_rows;
        row += static_cast<int64_t>(gridDim.x) * ROWS) {
-    const T* x = logits + row * row_stride;
-    T* gx = grad + row * grad_row_stride;
+    const T* x = logits + row_start(row, layout);
+    T* gx = grad + row_start(row, grad_layout);
 
     const float g = grad_logp != nullptr ? grad_logp[row] : 0.f;
     const float ge = kEntropy ? grad_entropy[row] : 0.f;
@@ -34,9 +34,9 @@ __global__ void __launch_bounds__(BLOCK)
 
 struct BackwardArgs {
   const void* logits;
-  int64_t row_stride;
+  RowLayout layout;
   void* grad;
-  int64_t grad_row_stride;
+  RowLayout grad_layout;
   int64_t n_rows;
   int vocab;
   const int64_t* tokens;
@@ -51,7 +51,7 @@ template <typename T, int THREADS, int BLOCK, bool kEntropy>
 cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
   const unsigned grid = grid_for(a.n_rows, BLOCK / THREADS);
   logits_backward_kernel<T, THREADS, BLOCK, kEntropy><<<grid, BLOCK, 0, stream>>>(
-      static_cast<const T*>(a.logits), a.row_stride, static_cast<T*>(a.grad), a.grad_row_stride, a.n_rows, a.vocab,
+      static_cast<const T*>(a.logits), a.layout, static_cast<T*>(a.grad), a.grad_layout, a.n_rows, a.vocab,
       a.tokens, a.inv_t, a.lse, a.grad_logp, a.entropy, a.grad_entropy);
   return cudaGetLastError();
 }
@@ -77,7 +77,8 @@ cudaError_t dispatch_backward(const BackwardArgs& a, cudaStream_t stream) {
 }  // namespace detail
 }  // namespace rlvrw
 
-extern "C" cudaError_t rlvrw_logits_backward_strided(const void* logits, int64_t row_stride, void* grad_logits,
+extern "C" cudaError_t rlvrw_logits_backward_strided(const void* logits, int64_t rows_per_seq, int64_t seq_stride,
+                                                     int64_t row_stride, void* grad_logits, int64_t grad_seq_stride,
                                                      int64_t grad_row_stride, int dtype, int64_t n_rows,
                                                      int64_t vocab, const int64_t* tokens, float inv_temperature,
                                                      const float* lse, const float* grad_logp, const float* entropy,
@@ -85,12 +86,27 @@ extern "C" cudaError_t rlvrw_logits_backward_strided(const void* logits, int64_t
   using namespace rlvrw::detail;
   if (n_rows < 0 || vocab < 0 || vocab > INT_MAX || !valid_dtype(dtype)) return cudaErrorInvalidValue;
   if (n_rows == 0 || vocab == 0) return cudaSuccess;
-  if (n_rows > 1 && (row_stride < vocab || grad_row_stride < vocab)) return cudaErrorInvalidValue;
+  if (!valid_layout(n_rows, vocab, rows_per_seq, seq_stride, row_stride) ||
+      !valid_layout(n_rows, vocab, rows_per_seq, grad_seq_stride, grad_row_stride)) {
+    return cudaErrorInvalidValue;
+  }
   if (logits == nullptr || grad_logits == nullptr || lse == nullptr) return cudaErrorInvalidValue;
   if (grad_entropy != nullptr && entropy == nullptr) return cudaErrorInvalidValue;
-  if (logits == grad_logits && n_rows > 1 && row_stride != grad_row_stride) return cudaErrorInvalidValue;
-  BackwardArgs a{logits,    row_stride, grad_logits, grad_row_stride, n_rows,  static_cast<int>(vocab),
-                 tokens,    inv_temperature, lse,    grad_logp,       entropy, grad_entropy};
+  if (logits == grad_logits && (row_stride != grad_row_stride || seq_stride != grad_seq_stride)) {
+    return cudaErrorInvalidValue;
+  }
+  BackwardArgs a{logits,
+                 RowLayout{rows_per_seq, seq_stride, row_stride},
+                 grad_logits,
+                 RowLayout{rows_per_seq, grad_seq_stride, grad_row_stride},
+                 n_rows,
+                 static_cast<int>(vocab),
+                 tokens,
+                 inv_temperature,
+                 lse,
+                 grad_logp,
+                 entropy,
+                 grad_entropy};
   switch (dtype) {
     case RLVRW_DTYPE_FLOAT32:
       return dispatch_backward<float>(a, stream);
@@ -102,9 +118,11 @@ extern "C" cudaError_t rlvrw_logits_backward_strided(const void* logits, int64_t
 }
 
 extern "C" cudaError_t rlvrw_logits_backward(const void* logits, void* grad_logits, int dtype, int64_t n_rows,
-                                             int64_t vocab, int64_t row_stride, const int64_t* tokens,
-                                             float inv_temperature, const float* lse, const float* grad_logp,
-                                             const float* entropy, const float* grad_entropy, cudaStream_t stream) {
-  return rlvrw_logits_backward_strided(logits, row_stride, grad_logits, row_stride, dtype, n_rows, vocab, tokens,
-                                       inv_temperature, lse, grad_logp, entropy, grad_entropy, stream);
+                                             int64_t vocab, int64_t rows_per_seq, int64_t seq_stride,
+                                             int64_t row_stride, const int64_t* tokens, float inv_temperature,
+                                             const float* lse, const float* grad_logp, const float* entropy,
+                                             const float* grad_entropy, cudaStream_t stream) {
+  return rlvrw_logits_backward_strided(logits, rows_per_seq, seq_stride, row_stride, grad_logits, seq_stride,
+                                       row_stride, dtype, n_rows, vocab, tokens, inv_temperature, lse, grad_logp,
+                                       entropy, grad_entropy, stream);
 }

@@ -104,6 +104,17 @@ RLVRW_HD int vec_head(const void* row, int vocab) {
   return h < vocab ? h : vocab;
 }
 
+// Where row n starts, in elements, when rows form a (B, T) grid: sequence n / rows_per_seq, position n % rows_per_seq
+// (a plain (N, V) matrix is one sequence of N rows). The [:, :-1] slice of a (B, T + 1, V) tensor is read in place.
+struct RowLayout {
+  int64_t rows_per_seq, seq_stride, row_stride;
+};
+
+RLVRW_HD int64_t row_start(int64_t row, const RowLayout& l) {
+  const int64_t seq = row / l.rows_per_seq;
+  return seq * l.seq_stride + (row - seq * l.rows_per_seq) * l.row_stride;
+}
+
 // Clamp -inf to -FLT_MAX and leave every other value (NaN included) alone. Used on z - reference: exp of the
 // clamped value is still exactly 0 while (clamped value) * 0 is 0 instead of NaN, so -inf logits (masked vocab
 // entries, a fully masked row) never produce NaN through 0 * -inf.
@@ -246,12 +257,30 @@ RLVRW_HD float grad_one(float x, bool is_tok, float inv_t, float ref, float g, f
   return inv_t * r;
 }
 
+// This lane's elements of one row set to 0: scalar head, 16-byte vectors, scalar tail.
+template <typename T, int THREADS>
+RLVRW_HD void zero_row(T* gx, int vocab, int lane) {
+  constexpr int VEC = VecWidth<T>::value;
+  const int head = vec_head<T>(gx, vocab);
+  const T zero = from_float<T>(0.f);
+  for (int j = lane; j < head; j += THREADS) gx[j] = zero;
+  const int nvec = (vocab - head) / VEC;
+  const float zeros[VEC] = {};
+  for (int i = lane; i < nvec; i += THREADS) store_vec<T>(gx + head + static_cast<int64_t>(i) * VEC, zeros);
+  for (int j = head + nvec * VEC + lane; j < vocab; j += THREADS) gx[j] = zero;
+}
+
 // Backward: this lane's elements of one row, x -> gx (gx may be x: each element is read, then written, by the
-// same thread). Vector path only when both rows sit at the same offset from a 16-byte boundary.
+// same thread). Vector path only when both rows sit at the same offset from a 16-byte boundary. A row without
+// upstream gradient (g = ge = 0: a masked position) gets zeros and is not read, whatever its logits hold.
 template <typename T, int THREADS, bool kEntropy>
 RLVRW_HD void backward_row(const T* x, T* gx, int vocab, int64_t tok, float inv_t, float lse, float g, float ge,
                            float h, int lane) {
   constexpr int VEC = VecWidth<T>::value;
+  if (g == 0.f && ge == 0.f) {
+    zero_row<T, THREADS>(gx, vocab, lane);
+    return;
+  }
   const float ref = (lse == -INFINITY) ? 0.f : lse;
   const uintptr_t xa = reinterpret_cast<uintptr_t>(x);
   const uintptr_t ga = reinterpret_cast<uintptr_t>(gx);
@@ -310,6 +339,15 @@ inline unsigned grid_for(int64_t n_rows, int rows_per_block) {
   if (g > kMaxGridBlocks) g = kMaxGridBlocks;
   if (g < 1) g = 1;
   return static_cast<unsigned>(g);
+}
+
+// Rows of a (B, T) grid: at least one row per sequence, non-negative strides, rows of one sequence that do not
+// overlap (row_stride >= vocab whenever a sequence has two rows).
+inline bool valid_layout(int64_t n_rows, int64_t vocab, int64_t rows_per_seq, int64_t seq_stride,
+                         int64_t row_stride) {
+  if (rows_per_seq < 1 || seq_stride < 0 || row_stride < 0) return false;
+  const int64_t per_seq = n_rows < rows_per_seq ? n_rows : rows_per_seq;
+  return per_seq <= 1 || row_stride >= vocab;
 }
 
 inline bool valid_dtype(int dtype) {

@@ -9,7 +9,7 @@ namespace detail {
 // kEntropy: also accumulate sum exp(z - m) (z - m) and write entropy (entropy != nullptr).
 template <typename T, int THREADS, int BLOCK, bool kEntropy>
 __global__ void __launch_bounds__(BLOCK)
-    logits_forward_kernel(const T* __restrict__ logits, int64_t n_rows, int vocab, int64_t row_stride,
+    logits_forward_kernel(const T* __restrict__ logits, int64_t n_rows, int vocab, RowLayout layout,
                           const int64_t* __restrict__ tokens, float inv_t, float* __restrict__ logp,
                           float* __restrict__ lse, float* __restrict__ entropy) {
   static_assert(THREADS % kWarpSize == 0 && BLOCK % THREADS == 0, "bad launch shape");
@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(BLOCK)
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS + slot; row < n_rows;
        row += static_cast<int64_t>(gridDim.x) * ROWS) {
-    const T* x = logits + row * row_stride;
+    const T* x = logits + row_start(row, layout);
 
     // The target logit: issued first so its latency hides behind the row scan.
     float x_tok = -INFINITY;
@@ -63,33 +63,32 @@ __global__ void __launch_bounds__(BLOCK)
 }
 
 template <typename T, int THREADS, int BLOCK>
-cudaError_t launch_forward(const void* logits, int64_t n_rows, int vocab, int64_t row_stride, const int64_t* tokens,
-                           float inv_t, float* logp, float* lse, float* entropy, cudaStream_t stream) {
+cudaError_t launch_forward(const void* logits, int64_t n_rows, int vocab, const RowLayout& layout,
+                           const int64_t* tokens, float inv_t, float* logp, float* lse, float* entropy,
+                           cudaStream_t stream) {
   const unsigned grid = grid_for(n_rows, BLOCK / THREADS);
   const T* x = static_cast<const T*>(logits);
   if (entropy != nullptr) {
     logits_forward_kernel<T, THREADS, BLOCK, true>
-        <<<grid, BLOCK, 0, stream>>>(x, n_rows, vocab, row_stride, tokens, inv_t, logp, lse, entropy);
+        <<<grid, BLOCK, 0, stream>>>(x, n_rows, vocab, layout, tokens, inv_t, logp, lse, entropy);
   } else {
     logits_forward_kernel<T, THREADS, BLOCK, false>
-        <<<grid, BLOCK, 0, stream>>>(x, n_rows, vocab, row_stride, tokens, inv_t, logp, lse, nullptr);
+        <<<grid, BLOCK, 0, stream>>>(x, n_rows, vocab, layout, tokens, inv_t, logp, lse, nullptr);
   }
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t dispatch_forward(const void* logits, int64_t n_rows, int vocab, int64_t row_stride,
+cudaError_t dispatch_forward(const void* logits, int64_t n_rows, int vocab, const RowLayout& layout,
                              const int64_t* tokens, float inv_t, float* logp, float* lse, float* entropy,
                              cudaStream_t stream) {
   switch (choose_shape(vocab)) {
     case Shape::kWarpPerRow:
-      return launch_forward<T, 32, 256>(logits, n_rows, vocab, row_stride, tokens, inv_t, logp, lse, entropy, stream);
+      return launch_forward<T, 32, 256>(logits, n_rows, vocab, layout, tokens, inv_t, logp, lse, entropy, stream);
     case Shape::kBlock256:
-      return launch_forward<T, 256, 256>(logits, n_rows, vocab, row_stride, tokens, inv_t, logp, lse, entropy,
-                                         stream);
+      return launch_forward<T, 256, 256>(logits, n_rows, vocab, layout, tokens, inv_t, logp, lse, entropy, stream);
     default:
-      return launch_forward<T, 512, 512>(logits, n_rows, vocab, row_stride, tokens, inv_t, logp, lse, entropy,
-                                         stream);
+      return launch_forward<T, 512, 512>(logits, n_rows, vocab, layout, tokens, inv_t, logp, lse, entropy, stream);
   }
 }
 
@@ -97,23 +96,24 @@ cudaError_t dispatch_forward(const void* logits, int64_t n_rows, int vocab, int6
 }  // namespace rlvrw
 
 extern "C" cudaError_t rlvrw_logits_forward(const void* logits, int dtype, int64_t n_rows, int64_t vocab,
-                                            int64_t row_stride, const int64_t* tokens, float inv_temperature,
-                                            float* logp, float* lse, float* entropy, cudaStream_t stream) {
+                                            int64_t rows_per_seq, int64_t seq_stride, int64_t row_stride,
+                                            const int64_t* tokens, float inv_temperature, float* logp, float* lse,
+                                            float* entropy, cudaStream_t stream) {
   using namespace rlvrw::detail;
   if (n_rows < 0 || vocab < 0 || vocab > INT_MAX || !valid_dtype(dtype)) return cudaErrorInvalidValue;
   if (n_rows == 0) return cudaSuccess;
-  if (n_rows > 1 && row_stride < vocab) return cudaErrorInvalidValue;
+  if (!valid_layout(n_rows, vocab, rows_per_seq, seq_stride, row_stride)) return cudaErrorInvalidValue;
   if ((logits == nullptr && vocab > 0) || logp == nullptr || lse == nullptr) return cudaErrorInvalidValue;
   const int v = static_cast<int>(vocab);
+  const RowLayout layout{rows_per_seq, seq_stride, row_stride};
   switch (dtype) {
     case RLVRW_DTYPE_FLOAT32:
-      return dispatch_forward<float>(logits, n_rows, v, row_stride, tokens, inv_temperature, logp, lse, entropy,
-                                     stream);
+      return dispatch_forward<float>(logits, n_rows, v, layout, tokens, inv_temperature, logp, lse, entropy, stream);
     case RLVRW_DTYPE_BFLOAT16:
-      return dispatch_forward<__nv_bfloat16>(logits, n_rows, v, row_stride, tokens, inv_temperature, logp, lse,
-                                             entropy, stream);
+      return dispatch_forward<__nv_bfloat16>(logits, n_rows, v, layout, tokens, inv_temperature, logp, lse, entropy,
+                                             stream);
     default:
-      return dispatch_forward<__half>(logits, n_rows, v, row_stride, tokens, inv_temperature, logp, lse, entropy,
+      return dispatch_forward<__half>(logits, n_rows, v, layout, tokens, inv_temperature, logp, lse, entropy,
                                       stream);
   }
 }

@@ -6,9 +6,10 @@
 //   rlvrw::logits_backward_(Tensor logits, Tensor tokens, float inv_temperature, Tensor lse, Tensor grad_logp,
 //       Tensor? entropy, Tensor? grad_entropy, Tensor(a!) grad_logits) -> ()
 //
-// logits (N, V) float32 / bfloat16 / float16 with a contiguous last dim (any row stride); tokens (N,) int64;
-// logp, lse, entropy (N,) float32 (entropy is an empty tensor when with_entropy is false). grad_logits has the
-// logits' shape and dtype; passing logits itself computes the gradient in place.
+// logits (N, V) or (B, T, V) float32 / bfloat16 / float16 with a contiguous last dim (any other strides: a [:, :-1]
+// slice is read in place); tokens (N,) or (B*T,) int64; logp, lse, entropy (N,) float32 (entropy is an empty tensor
+// when with_entropy is false). grad_logits has the logits' shape and dtype (any strides with a contiguous last dim);
+// passing logits itself computes the gradient in place.
 //
 //   rlvrw::fsq_quantize(Tensor z, Tensor consts, Tensor ints) -> (Tensor codes, Tensor indices)
 //   rlvrw::fsq_quantize_backward(Tensor z, Tensor grad_codes, Tensor consts) -> Tensor
@@ -28,6 +29,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "rlvrw_kernels.h"
@@ -49,22 +51,45 @@ int dtype_code(at::ScalarType t) {
   return -1;
 }
 
+// (N, V) or (B, T, V) logits as rows of a (B, T) grid (see rlvrw_kernels.h): the [:, :-1] slice of a (B, T + 1, V)
+// tensor is passed as it is, without a copy.
+struct Rows {
+  int64_t n, per_seq, seq_stride, row_stride;
+};
+
+Rows rows_of(const at::Tensor& t) {
+  if (t.dim() == 2) return {t.size(0), std::max<int64_t>(t.size(0), 1), 0, t.stride(0)};
+  return {t.size(0) * t.size(1), std::max<int64_t>(t.size(1), 1), t.stride(0), t.stride(1)};
+}
+
+// One past the last element of the rows, in bytes from the data pointer (for the overlap check).
+int64_t rows_extent_bytes(const at::Tensor& t) {
+  int64_t last = t.size(-1);
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return last * static_cast<int64_t>(t.element_size());
+}
+
 void check_logits(const at::Tensor& logits, const char* name) {
   TORCH_CHECK(logits.is_cuda(), "rlvrw: ", name, " must be a CUDA tensor, got ", logits.device());
-  TORCH_CHECK(logits.dim() == 2, "rlvrw: ", name, " must be 2-D (N, V), got shape ", logits.sizes());
-  TORCH_CHECK(logits.size(1) <= 1 || logits.stride(1) == 1, "rlvrw: ", name,
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, "rlvrw: ", name, " must be (N, V) or (B, T, V), got shape ",
+              logits.sizes());
+  TORCH_CHECK(logits.size(-1) <= 1 || logits.stride(-1) == 1, "rlvrw: ", name,
               " must be contiguous in its last dim, got strides ", logits.strides());
-  TORCH_CHECK(logits.size(0) <= 1 || logits.size(1) == 0 || logits.stride(0) >= logits.size(1), "rlvrw: ", name,
-              " rows overlap (stride ", logits.stride(0), " < V = ", logits.size(1), ")");
-  TORCH_CHECK(logits.size(1) <= 2147483647, "rlvrw: vocabulary larger than 2^31-1 is not supported");
+  for (int64_t d = 0; d + 1 < logits.dim(); ++d) {
+    TORCH_CHECK(logits.stride(d) >= 0, "rlvrw: ", name, " has a negative stride: ", logits.strides());
+  }
+  const int64_t row_dim = logits.dim() - 2;
+  TORCH_CHECK(logits.size(row_dim) <= 1 || logits.size(-1) == 0 || logits.stride(row_dim) >= logits.size(-1),
+              "rlvrw: ", name, " rows overlap (stride ", logits.stride(row_dim), " < V = ", logits.size(-1), ")");
+  TORCH_CHECK(logits.size(-1) <= 2147483647, "rlvrw: vocabulary larger than 2^31-1 is not supported");
 }
 
 // A per-row vector: (N,) on logits' device with the given dtype; made contiguous when it is not (e.g. expanded).
 at::Tensor per_row(const at::Tensor& t, const at::Tensor& logits, at::ScalarType dtype, const char* name) {
+  const int64_t n = rows_of(logits).n;
   TORCH_CHECK(t.device() == logits.device(), "rlvrw: ", name, " must be on ", logits.device(), ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, "rlvrw: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0), "rlvrw: ", name, " must have shape (",
-              logits.size(0), ",), got ", t.sizes());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "rlvrw: ", name, " must have shape (", n, ",), got ", t.sizes());
   return t.contiguous();
 }
 
@@ -79,8 +104,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_forward_cuda(const at::Ten
   const at::Tensor tok = per_row(tokens, logits, at::kLong, "tokens");
   const c10::cuda::CUDAGuard guard(logits.device());
 
-  const int64_t n = logits.size(0);
-  const int64_t v = logits.size(1);
+  const Rows rows = rows_of(logits);
+  const int64_t n = rows.n;
+  const int64_t v = logits.size(-1);
   const auto opts = logits.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({n}, opts);
   at::Tensor lse = at::empty({n}, opts);
@@ -88,10 +114,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_forward_cuda(const at::Ten
   if (n == 0) return {logp, lse, entropy};
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
-  check_cuda(rlvrw_logits_forward(logits.data_ptr(), dtype, n, v, logits.stride(0), tok.data_ptr<int64_t>(),
-                                  static_cast<float>(inv_temperature), logp.data_ptr<float>(),
-                                  lse.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr,
-                                  stream),
+  check_cuda(rlvrw_logits_forward(logits.data_ptr(), dtype, n, v, rows.per_seq, rows.seq_stride, rows.row_stride,
+                                  tok.data_ptr<int64_t>(), static_cast<float>(inv_temperature),
+                                  logp.data_ptr<float>(), lse.data_ptr<float>(),
+                                  with_entropy ? entropy.data_ptr<float>() : nullptr, stream),
              "rlvrw_logits_forward");
   return {logp, lse, entropy};
 }
@@ -121,21 +147,22 @@ void logits_backward_cuda(const at::Tensor& logits, const at::Tensor& tokens, do
     ge_c = per_row(*grad_entropy, logits, at::kFloat, "grad_entropy");
   }
 
-  const int64_t n = logits.size(0);
-  const int64_t v = logits.size(1);
+  const Rows rows = rows_of(logits);
+  const Rows grad_rows = rows_of(grad_logits);
+  const int64_t n = rows.n;
+  const int64_t v = logits.size(-1);
   if (n == 0 || v == 0) return;
 
   // In place (the same buffer, same layout) or into a buffer that does not overlap the logits at all.
   const bool same = grad_logits.data_ptr() == logits.data_ptr();
   if (same) {
-    TORCH_CHECK(n <= 1 || grad_logits.stride(0) == logits.stride(0),
+    TORCH_CHECK(grad_rows.seq_stride == rows.seq_stride && grad_rows.row_stride == rows.row_stride,
                 "rlvrw: in-place grad_logits must have the logits' strides");
   } else if (grad_logits.storage().is_alias_of(logits.storage())) {
-    const int64_t esz = static_cast<int64_t>(logits.element_size());
     const auto lo_a = reinterpret_cast<intptr_t>(logits.data_ptr());
-    const auto hi_a = lo_a + ((n - 1) * logits.stride(0) + v) * esz;
+    const auto hi_a = lo_a + rows_extent_bytes(logits);
     const auto lo_b = reinterpret_cast<intptr_t>(grad_logits.data_ptr());
-    const auto hi_b = lo_b + ((n - 1) * grad_logits.stride(0) + v) * esz;
+    const auto hi_b = lo_b + rows_extent_bytes(grad_logits);
     TORCH_CHECK(hi_a <= lo_b || hi_b <= lo_a,
                 "rlvrw: grad_logits partially overlaps logits; pass logits itself for an in-place backward");
   }
@@ -143,10 +170,10 @@ void logits_backward_cuda(const at::Tensor& logits, const at::Tensor& tokens, do
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
   check_cuda(rlvrw_logits_backward_strided(
-                 logits.data_ptr(), logits.stride(0), grad_logits.data_ptr(), grad_logits.stride(0), dtype, n, v,
-                 tok.data_ptr<int64_t>(), static_cast<float>(inv_temperature), lse_c.data_ptr<float>(),
-                 glp.data_ptr<float>(), has_ge ? ent_c.data_ptr<float>() : nullptr,
-                 has_ge ? ge_c.data_ptr<float>() : nullptr, stream),
+                 logits.data_ptr(), rows.per_seq, rows.seq_stride, rows.row_stride, grad_logits.data_ptr(),
+                 grad_rows.seq_stride, grad_rows.row_stride, dtype, n, v, tok.data_ptr<int64_t>(),
+                 static_cast<float>(inv_temperature), lse_c.data_ptr<float>(), glp.data_ptr<float>(),
+                 has_ge ? ent_c.data_ptr<float>() : nullptr, has_ge ? ge_c.data_ptr<float>() : nullptr, stream),
              "rlvrw_logits_backward");
 }
 

@@ -7,7 +7,7 @@
 // Token log-probabilities, log-sum-exp and entropy of a temperature-scaled softmax, and their backward.
 // All math is fp32 whatever the logits dtype. For row n (0 <= n < n_rows) and column j (0 <= j < vocab):
 //
-//   z_j       = logits[n * row_stride + j] * inv_temperature
+//   z_j       = logits[start_n + j] * inv_temperature
 //   lse_n     = log(sum_j exp(z_j))
 //   logp_n    = z_{tok_n} - lse_n
 //   entropy_n = lse_n - sum_j p_j z_j,          p_j = exp(z_j - lse_n)
@@ -16,18 +16,23 @@
 //                                          - grad_entropy[n] * p_j * (z_j - lse_n + entropy_n) )
 //
 // Conventions:
-//   * logits: row-major, contiguous within a row, `row_stride` elements (not bytes) between row starts
-//     (row_stride >= vocab when n_rows > 1). Any alignment works; rows whose start is 16-byte aligned (or reaches a
-//     16-byte boundary after a short scalar head) are read with 16-byte vector loads.
+//   * logits: rows of `vocab` contiguous elements laid out as a (B, T) grid of rows, so that the [:, :-1] slice of a
+//     (B, T + 1, V) tensor is read in place: row n starts at element
+//         start_n = (n / rows_per_seq) * seq_stride + (n % rows_per_seq) * row_stride
+//     (strides in elements, not bytes; a plain (N, V) matrix is rows_per_seq = N, seq_stride = 0). rows_per_seq >= 1,
+//     strides >= 0, and row_stride >= vocab when a sequence has two rows. Any alignment works; rows whose start is
+//     16-byte aligned (or reaches a 16-byte boundary after a short scalar head) are read with 16-byte vector loads.
 //   * dtype: RLVRW_DTYPE_FLOAT32 (0), RLVRW_DTYPE_BFLOAT16 (1) or RLVRW_DTYPE_FLOAT16 (2).
 //   * tokens: int64, one per row. A token outside [0, vocab) is "no token": nothing is read for it, logp = -inf,
 //     and the backward has no one-hot term (its gradient is -grad_logp * p: callers pass grad_logp = 0 for rows
 //     they ignore). tokens may be NULL (every row has no token). Range checks belong to the caller.
 //   * A row whose values are all -inf (or vocab == 0) gives lse = -inf, logp = -inf, entropy = 0 (no NaN); its
 //     backward treats p_j as 0. NaN logits propagate to NaN outputs; +inf logits give NaN (as torch does).
+//   * Backward: a row whose grad_logp and grad_entropy are both 0 (a masked position) gets a gradient of exactly 0
+//     and is not read, whatever its logits hold (NaN, inf).
 //   * Outputs are float32 arrays of n_rows elements. Everything is enqueued on `stream`; nothing synchronizes.
-//   * Return value: cudaSuccess, cudaErrorInvalidValue for bad arguments (negative sizes, row_stride < vocab,
-//     unknown dtype, a NULL required pointer), or the launch error from cudaGetLastError().
+//   * Return value: cudaSuccess, cudaErrorInvalidValue for bad arguments (negative sizes, a bad row layout, unknown
+//     dtype, a NULL required pointer), or the launch error from cudaGetLastError().
 #pragma once
 
 #include <stdint.h>
@@ -43,23 +48,24 @@ extern "C" {
 
 // Forward. Writes logp[n], lse[n] and, when `entropy` is not NULL, entropy[n].
 // One pass over the logits (online softmax that also carries sum exp(z - m) * (z - m) for the entropy).
-cudaError_t rlvrw_logits_forward(const void* logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
-                                 const int64_t* tokens, float inv_temperature, float* logp, float* lse,
-                                 float* entropy /* nullable */, cudaStream_t stream);
+cudaError_t rlvrw_logits_forward(const void* logits, int dtype, int64_t n_rows, int64_t vocab, int64_t rows_per_seq,
+                                 int64_t seq_stride, int64_t row_stride, const int64_t* tokens, float inv_temperature,
+                                 float* logp, float* lse, float* entropy /* nullable */, cudaStream_t stream);
 
 // Backward. Reads every logit once and writes every gradient once. grad_logits has the logits dtype and the same
-// row_stride; it may be the logits buffer itself (in place, the main use). lse comes from the forward.
+// row layout; it may be the logits buffer itself (in place, the main use). lse comes from the forward.
 // grad_logp may be NULL (treated as zeros). grad_entropy may be NULL (no entropy term); when it is not NULL,
 // entropy (from the forward) must not be NULL.
 cudaError_t rlvrw_logits_backward(const void* logits, void* grad_logits /* may alias logits */, int dtype,
-                                  int64_t n_rows, int64_t vocab, int64_t row_stride, const int64_t* tokens,
-                                  float inv_temperature, const float* lse, const float* grad_logp,
-                                  const float* entropy /* nullable */, const float* grad_entropy /* nullable */,
-                                  cudaStream_t stream);
+                                  int64_t n_rows, int64_t vocab, int64_t rows_per_seq, int64_t seq_stride,
+                                  int64_t row_stride, const int64_t* tokens, float inv_temperature, const float* lse,
+                                  const float* grad_logp, const float* entropy /* nullable */,
+                                  const float* grad_entropy /* nullable */, cudaStream_t stream);
 
-// The same backward with its own row stride for grad_logits (out of place into a buffer laid out differently).
-// grad_logits must either be exactly logits (same pointer, grad_row_stride == row_stride) or not overlap it.
-cudaError_t rlvrw_logits_backward_strided(const void* logits, int64_t row_stride, void* grad_logits,
+// The same backward with its own strides for grad_logits (out of place into a buffer laid out differently; the
+// same rows_per_seq). grad_logits must either be exactly logits (same pointer and strides) or not overlap it.
+cudaError_t rlvrw_logits_backward_strided(const void* logits, int64_t rows_per_seq, int64_t seq_stride,
+                                          int64_t row_stride, void* grad_logits, int64_t grad_seq_stride,
                                           int64_t grad_row_stride, int dtype, int64_t n_rows, int64_t vocab,
                                           const int64_t* tokens, float inv_temperature, const float* lse,
                                           const float* grad_logp, const float* entropy, const float* grad_entropy,

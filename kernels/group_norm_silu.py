@@ -31,7 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-TILE_ELEMENTS = 4096  # elements per tile: 16 per thread at 8 warps, in registers without spills
+TILE_ELEMENTS = 4096  # elements per tile: 8 per thread at 16 warps, in registers without spills
+# One 16-byte bf16 vector per thread and tile. 16 (8 warps for a 4096 tile) spilled 8 bytes in the channels_last
+# forward on sm_90 (bench/static_compile.py: ptxas 13 with Triton's --regAllocOptLevel=2).
+ELEMENTS_PER_THREAD = 8
 ONE_TILE_ELEMENTS = 8192  # a group whose padded tile is up to this size is held in registers (16 warps)
 MIN_PROGRAMS = 264  # two programs per SM of a 132-SM GPU; fewer groups than this split S across programs
 MIN_SPLIT_ELEMENTS = 16384  # never split a group into slices smaller than this
@@ -431,7 +434,7 @@ def launch_config(n_groups_total: int, cg: int, n_pos: int, channels_last: bool,
         if split > 1:  # slices start on tile boundaries so that only the last one is partial
             slice_len = triton.cdiv(slice_len, block_s) * block_s
             split = triton.cdiv(n_pos, slice_len)
-    num_warps = max(1, min(16, (block_c * block_s) // 512))
+    num_warps = max(1, min(16, (block_c * block_s) // (32 * ELEMENTS_PER_THREAD)))
     return split, slice_len, block_c, block_s, one_tile, num_warps
 
 

@@ -67,8 +67,9 @@ def _grpo_token_loss_kernel(
     B, T,
     stride_lp_b, stride_lp_t, stride_old_b, stride_old_t, stride_adv_b, stride_adv_t, stride_valid_b, stride_valid_t,
     stride_ref_b, stride_ref_t, stride_w_b, stride_w_t, stride_scale, stride_dlp_b, stride_dlp_t,
-    ratio_lo_arg: "fp64", ratio_hi_arg: "fp64", lr_lo_arg: "fp64", lr_hi_arg: "fp64", dual_arg: "fp64",
-    kl_coef_arg: "fp64", k3_lo_arg: "fp64", k3_hi_arg: "fp64", kl_clamp_arg: "fp64",
+    ratio_lo_arg: tl.float64, ratio_hi_arg: tl.float64, lr_lo_arg: tl.float64, lr_hi_arg: tl.float64,
+    dual_arg: tl.float64, kl_coef_arg: tl.float64, k3_lo_arg: tl.float64, k3_hi_arg: tl.float64,
+    kl_clamp_arg: tl.float64,
     HAS_REF: tl.constexpr, KL_GRAD: tl.constexpr, KL_TYPE: tl.constexpr, HAS_DUAL: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr, SEQ_RATIO: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -332,7 +333,7 @@ def _group_centered(r, inb, G):
 
 @triton.jit(do_not_specialize=["G"])
 def _group_advantages_kernel(
-    r_ptr, adv_ptr, batch_ptr, n_groups, G, eps_arg: "fp64",
+    r_ptr, adv_ptr, batch_ptr, n_groups, G, eps_arg: tl.float64,
     SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -359,7 +360,7 @@ def _group_advantages_kernel(
 
 @triton.jit(do_not_specialize=["G"])
 def _group_advantages_backward_kernel(
-    g_ptr, r_ptr, dr_ptr, batch_ptr, n_groups, G, stride_g, eps_arg: "fp64",
+    g_ptr, r_ptr, dr_ptr, batch_ptr, n_groups, G, stride_g, eps_arg: tl.float64,
     SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     pid = tl.program_id(0)

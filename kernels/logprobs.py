@@ -16,7 +16,16 @@ With ``z = logits * inv_temperature``, ``lse = logsumexp(z)`` and ``p = softmax(
 Math is float32 for half/bfloat16/float32 logits and float64 for float64 logits. Conventions shared with
 ``csrc/rlvrw_kernels.h`` for inputs the reference leaves undefined: a row whose logits are all -inf gives lse = -inf,
 logp = -inf, entropy = 0 and p = 0 in the backward (no NaN); a token outside [0, V) reads nothing and gives logp = -inf
-and no one-hot term. NaN logits propagate; +inf logits give NaN (as torch does).
+and no one-hot term. NaN logits propagate; +inf logits give NaN (as torch does). In the backward, a row whose
+upstream gradients (g_logp and g_entropy) are both 0 gets a gradient of exactly 0 and is not read: a masked position
+never turns garbage logits into a NaN gradient.
+
+Rows: the logits are (N, V) or (B, T, V) with unit stride along V and any other strides, so the ``[:, :-1]`` slice of
+a model's (B, T + 1, V) output is read in place. Every row is split into a head, a body and a tail (``_split_row``):
+the body starts on a 16-byte boundary and is read (and written) in 16-byte vectors; head and tail, fewer than 16
+bytes each, are read one element at a time. This gives vector loads at any vocabulary size and row stride (V = 4633,
+the video world model's vocabulary, included), which Triton alone would only emit for strides it can prove to be
+multiples of 16 bytes. The same split is what ``csrc/logits_common.cuh`` does for the CUDA path.
 
 Each program handles BLOCK_N rows and walks the vocabulary in BLOCK_V columns: BLOCK_N = 1 for large vocabularies,
 several rows per program for small ones (see ``_launch_config``). Nothing here checks inputs (see ``rlvrw.ops``) and
@@ -42,9 +51,89 @@ def _inv_temperature(inv_t_hi, inv_t_lo, ACC: tl.constexpr):
 
 
 @triton.jit
+def _row_starts(pid, n_rows, rows_per_seq, seq_stride, row_stride, BLOCK_N: tl.constexpr):
+    """The program's BLOCK_N rows: their index, validity and start offset (int64 elements) in a (B, T, V) layout
+    where row r is sequence r // T, position r % T (a plain (N, V) matrix is one sequence of N rows)."""
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    seq = rows // rows_per_seq
+    # int64 offsets: rows x row_stride exceeds 2^31 for the large problems (e.g. 657k rows x 4633).
+    starts = seq.to(tl.int64) * seq_stride + (rows - seq * rows_per_seq).to(tl.int64) * row_stride
+    return rows.to(tl.int64), row_mask, starts
+
+
+@triton.jit
+def _split_row(starts, n_cols, VEC: tl.constexpr):
+    """Each row as [head | body | tail]: the body starts at an offset that is a multiple of VEC elements (16 bytes
+    from a 16-byte aligned base pointer) and holds a multiple of VEC elements, so it is read in 16-byte vectors
+    whatever the row stride; head and tail (fewer than VEC elements each) are read one by one.
+    Returns (head length, body length, body start offsets)."""
+    to_boundary = (VEC - starts % VEC) % VEC
+    head = tl.minimum(to_boundary, n_cols).to(tl.int32)
+    body = ((n_cols - head) // VEC) * VEC  # 0 in a row too short to reach the boundary (then head = n_cols)
+    # True even then. The hint must sit on a value computed here: on an argument it would be lost in inlining.
+    body_starts = tl.multiple_of(starts + to_boundary, VEC)
+    return head, body, body_starts
+
+
+@triton.jit
+def _edge_columns(head, body, n_cols, row_mask, VEC: tl.constexpr):
+    """(BLOCK_N, 2 * VEC) column indices of each row's head (first VEC lanes) and tail (last VEC lanes), and which
+    of them exist."""
+    j = tl.arange(0, 2 * VEC)[None, :]
+    cols = tl.where(j < VEC, j, head[:, None] + body[:, None] + (j - VEC))
+    in_row = tl.where(j < VEC, j < head[:, None], cols < n_cols)
+    return cols, in_row & row_mask[:, None]
+
+
+@triton.jit
+def _load_tile(ptr, body_starts, cols, body, mask_rows, other):
+    """A (BLOCK_N, BLOCK_V) tile of the rows' bodies (see _split_row): 16-byte vector loads."""
+    mask = mask_rows[:, None] & (cols[None, :] < body[:, None])
+    return tl.load(ptr + body_starts[:, None] + cols[None, :], mask=mask, other=other)
+
+
+@triton.jit
+def _store_tile(ptr, body_starts, cols, body, mask_rows, value):
+    """Store a tile of the rows' bodies: 16-byte vector stores when ``body_starts`` is known to be a multiple of
+    16 bytes, else scalar ones."""
+    mask = mask_rows[:, None] & (cols[None, :] < body[:, None])
+    tl.store(ptr + body_starts[:, None] + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _online_update(m, s, t, z, WITH_ENTROPY: tl.constexpr):
+    """Fold a (BLOCK_N, k) tile of z into the online softmax state (m, s, t) of each row: m is the running max of z,
+    s = sum exp(z - m) and t = sum exp(z - m) * (z - m), both relative to the current m. Carrying (z - m) instead of z
+    keeps the entropy free of the cancellation lse - sum p z would suffer for large logits: entropy = log(s) - t / s."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    # While a row has only seen -inf, shift by 0 instead of -inf so that exp() gives 0, never NaN (-inf - -inf).
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - shift)  # rescales s and t from m to m_new; 0 while m is -inf (then s = t = 0)
+    zc = z - shift[:, None]
+    e = tl.exp(zc)
+    if WITH_ENTROPY:
+        # t relative to m_new: sum e^(z-m_new) (z-m_new) = alpha * (t + (m - m_new) * s).
+        delta = tl.where(m == float("-inf"), 0.0, m - shift)
+        # e = 0 where z = -inf (or underflows): keep 0 * -inf out of the sum.
+        t = alpha * (t + delta * s) + tl.sum(tl.where(e > 0, e * zc, 0.0), axis=1)
+    s = s * alpha + tl.sum(e, axis=1)
+    return m_new, s, t
+
+
+# The row layout and sizes are not specialized (16-divisible or not): the head/body/tail split makes the loads the same
+# either way, and one binary then serves every vocabulary, stride and row count. Nor is the alignment of the per-row
+# vectors (a chunk's tokens[rows] slice): they are read once per row.
+_PER_ROW = ["tokens_ptr", "lse_ptr", "grad_logp_ptr", "entropy_ptr", "grad_entropy_ptr"]
+_LAYOUT = ["rows_per_seq", "seq_stride", "row_stride", "n_rows", "n_cols"]
+
+
+@triton.jit(do_not_specialize=_LAYOUT, do_not_specialize_on_alignment=_PER_ROW[:1])
 def _logits_forward_kernel(
     logits_ptr,
-    logits_row_stride,
+    rows_per_seq,
+    seq_stride,
+    row_stride,
     tokens_ptr,
     tokens_stride,
     logp_ptr,
@@ -58,36 +147,21 @@ def _logits_forward_kernel(
     WITH_ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     inv_t = _inv_temperature(inv_t_hi, inv_t_lo, ACC)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_mask = rows < n_rows
-    # int64 row offsets: n_rows * row_stride exceeds 2^31 for the large problems (e.g. 657k rows x 4633).
-    row_ptrs = logits_ptr + rows * logits_row_stride
+    rows, row_mask, starts = _row_starts(tl.program_id(0), n_rows, rows_per_seq, seq_stride, row_stride, BLOCK_N)
+    head, body, body_starts = _split_row(starts, n_cols, VEC)
 
-    # Online softmax per row: m is the running max of z, s = sum exp(z - m) and t = sum exp(z - m) * (z - m), both
-    # relative to the current m. Carrying (z - m) instead of z keeps the entropy free of the cancellation
-    # lse - sum p z would suffer for large logits: entropy = log(s) - t / s.
-    m = tl.full([BLOCK_N], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_N], ACC)
-    t = tl.zeros([BLOCK_N], ACC)
+    # The head and tail first (scalar loads), then the body in BLOCK_V steps (16-byte loads).
+    edge_cols, edge_mask = _edge_columns(head, body, n_cols, row_mask, VEC)
+    z_edge = tl.load(logits_ptr + starts[:, None] + edge_cols, mask=edge_mask, other=float("-inf")).to(ACC) * inv_t
+    m0 = tl.full([BLOCK_N], float("-inf"), ACC)
+    m, s, t = _online_update(m0, tl.zeros([BLOCK_N], ACC), tl.zeros([BLOCK_N], ACC), z_edge, WITH_ENTROPY)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        mask = row_mask[:, None] & (cols < n_cols)[None, :]
-        z = tl.load(row_ptrs[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(ACC) * inv_t
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        # While a row has only seen -inf, shift by 0 instead of -inf so that exp() gives 0, never NaN (-inf - -inf).
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - shift)  # rescales s and t from m to m_new; 0 while m is -inf (then s = t = 0)
-        zc = z - shift[:, None]
-        e = tl.exp(zc)
-        if WITH_ENTROPY:
-            # t relative to m_new: sum e^(z-m_new) (z-m_new) = alpha * (t + (m - m_new) * s).
-            delta = tl.where(m == float("-inf"), 0.0, m - shift)
-            # e = 0 where z = -inf (or underflows): keep 0 * -inf out of the sum.
-            t = alpha * (t + delta * s) + tl.sum(tl.where(e > 0, e * zc, 0.0), axis=1)
-        s = s * alpha + tl.sum(e, axis=1)
-        m = m_new
+        z = _load_tile(logits_ptr, body_starts, cols, body, row_mask, float("-inf")).to(ACC) * inv_t
+        m, s, t = _online_update(m, s, t, z, WITH_ENTROPY)
 
     # s == 0 only for a row that is all -inf; NaN logits make s NaN and propagate to every output.
     has_mass = s != 0
@@ -96,7 +170,7 @@ def _logits_forward_kernel(
 
     tok = tl.load(tokens_ptr + rows * tokens_stride, mask=row_mask, other=-1).to(tl.int64)
     tok_valid = row_mask & (tok >= 0) & (tok < n_cols)
-    z_tok = tl.load(row_ptrs + tok, mask=tok_valid, other=float("-inf")).to(ACC) * inv_t
+    z_tok = tl.load(logits_ptr + starts + tok, mask=tok_valid, other=float("-inf")).to(ACC) * inv_t
     logp = tl.where(has_mass, z_tok - lse, float("-inf"))
 
     tl.store(logp_ptr + rows, logp, mask=row_mask)
@@ -107,10 +181,29 @@ def _logits_forward_kernel(
 
 
 @triton.jit
+def _grad_tile(z, cols, tok, lse, c_logp, c_ent, ent, live, WITH_ENTROPY: tl.constexpr):
+    """d(loss)/d(logits) of a tile of z = logits * inv_t (see the module docstring), exactly 0 in rows whose upstream
+    gradients are both 0 (``live`` false) whatever their logits hold (NaN, inf)."""
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
+    if WITH_ENTROPY:
+        # p = 0 (a -inf logit): log p is -inf, and 0 * -inf must not leak NaN into the gradient.
+        log_p = tl.where(p > 0, log_p, 0.0)
+        coef = c_logp[:, None] + c_ent[:, None] * (log_p + ent[:, None])
+    else:
+        coef = c_logp[:, None]
+    grad = tl.where(cols == tok[:, None], c_logp[:, None], 0.0) - p * coef
+    return tl.where(live[:, None], grad, 0.0)
+
+
+@triton.jit(do_not_specialize=_LAYOUT + ["out_seq_stride", "out_row_stride"], do_not_specialize_on_alignment=_PER_ROW)
 def _logits_backward_kernel(
     logits_ptr,
-    logits_row_stride,
+    rows_per_seq,
+    seq_stride,
+    row_stride,
     out_ptr,
+    out_seq_stride,
     out_row_stride,
     tokens_ptr,
     tokens_stride,
@@ -129,14 +222,19 @@ def _logits_backward_kernel(
     ACC: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    OUT_ALIGNED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     inv_t = _inv_temperature(inv_t_hi, inv_t_lo, ACC)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_mask = rows < n_rows
-    in_ptrs = logits_ptr + rows * logits_row_stride
-    out_ptrs = out_ptr + rows * out_row_stride
+    pid = tl.program_id(0)
+    rows, row_mask, starts = _row_starts(pid, n_rows, rows_per_seq, seq_stride, row_stride, BLOCK_N)
+    _, _, out_starts = _row_starts(pid, n_rows, rows_per_seq, out_seq_stride, out_row_stride, BLOCK_N)
+    head, body, body_starts = _split_row(starts, n_cols, VEC)
+    out_body_starts = out_starts + head
+    if OUT_ALIGNED:  # the output rows sit at the logits rows' offsets modulo VEC: 16-byte stores too
+        out_body_starts = tl.multiple_of(out_body_starts, VEC)
 
     # Per-row scalars, with inv_temperature folded in:
     #   dlogits_j = [j == tok] * c_logp - p_j * (c_logp + c_ent * (log p_j + entropy)),  c_x = inv_t * g_x
@@ -148,25 +246,27 @@ def _logits_backward_kernel(
         c_logp = tl.load(grad_logp_ptr + rows * grad_logp_stride, mask=row_mask, other=0.0).to(ACC) * inv_t
     else:
         c_logp = tl.zeros([BLOCK_N], ACC)
+    live = c_logp != 0
     if WITH_ENTROPY:
         c_ent = tl.load(grad_entropy_ptr + rows * grad_entropy_stride, mask=row_mask, other=0.0).to(ACC) * inv_t
         ent = tl.load(entropy_ptr + rows * entropy_stride, mask=row_mask, other=0.0).to(ACC)
+        live = live | (c_ent != 0)
+    else:
+        c_ent = c_logp
+        ent = c_logp
+    # A row without upstream gradient (a masked position) is not read, only written with zeros.
+    read = row_mask & live
 
+    # Each element is read before it is written, by the same program: out may be the logits buffer.
+    edge_cols, edge_mask = _edge_columns(head, body, n_cols, row_mask, VEC)
+    z_edge = tl.load(logits_ptr + starts[:, None] + edge_cols, mask=edge_mask & live[:, None], other=0.0)
+    grad_edge = _grad_tile(z_edge.to(ACC) * inv_t, edge_cols, tok, lse, c_logp, c_ent, ent, live, WITH_ENTROPY)
+    tl.store(out_ptr + out_starts[:, None] + edge_cols, grad_edge.to(out_ptr.dtype.element_ty), mask=edge_mask)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        mask = row_mask[:, None] & (cols < n_cols)[None, :]
-        # Read the whole tile before writing it: out may be the logits buffer.
-        z = tl.load(in_ptrs[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC) * inv_t
-        log_p = z - lse[:, None]
-        p = tl.exp(log_p)
-        if WITH_ENTROPY:
-            # p = 0 (a -inf logit): log p is -inf, and 0 * -inf must not leak NaN into the gradient.
-            log_p = tl.where(p > 0, log_p, 0.0)
-            coef = c_logp[:, None] + c_ent[:, None] * (log_p + ent[:, None])
-        else:
-            coef = c_logp[:, None]
-        grad = tl.where(cols[None, :] == tok[:, None], c_logp[:, None], 0.0) - p * coef
-        tl.store(out_ptrs[:, None] + cols[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)
+        z = _load_tile(logits_ptr, body_starts, cols, body, read, 0.0).to(ACC) * inv_t
+        grad = _grad_tile(z, head[:, None] + cols[None, :], tok, lse, c_logp, c_ent, ent, live, WITH_ENTROPY)
+        _store_tile(out_ptr, out_body_starts, cols, body, row_mask, grad)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -174,11 +274,10 @@ def _logits_backward_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 
 # The kernels are memory bound (one read forward; one read and one write backward), so the tiles aim at enough bytes
-# in flight per program, few masked lanes and no register spills. Register counts below are ptxas -v for sm_90 with
-# entropy on, bf16 logits: one row x 8192 with 8 warps uses 56-63 registers (the backward 40 with 16-byte aligned rows,
-# 100 without); packed rows cost more because every row carries its own 64-bit base: 8 x 1024 with 8 warps spills when
-# the row stride is not a multiple of 8 elements, 4 x 1024 with 4 warps uses 64 registers and does not; 16 rows of
-# 256 spill, 8 rows do not.
+# in flight per program, few masked lanes and no register spills. Registers per configuration, sm_90 and sm_80:
+# bench/results/sm90-static.md (48 to 101, one row x 8192 with 8 warps or 4 rows x 1024 with 4 warps, 16-byte loads
+# and stores, no spills). Before the rows were split into head, body and tail, 8 x 1024 with 8 warps spilled when the
+# row stride was not a multiple of 8 elements, and 16 rows of 256 spilled.
 MAX_BLOCK_V = 8192  # columns per loop step of one row
 MAX_PACKED_TILE = 4096  # elements per loop step when a program packs several rows (BLOCK_N > 1)
 MAX_BLOCK_N = 8  # rows per program
@@ -240,6 +339,41 @@ def _split_inv_temperature(inv_temperature: float) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _rows(logits: torch.Tensor) -> tuple[int, int, tuple[int, int, int]]:
+    """(n_rows, n_cols, (rows_per_seq, seq_stride, row_stride)) of (N, V) or (B, T, V) logits."""
+    n_cols = logits.shape[-1]
+    if logits.dim() == 2:
+        return logits.shape[0], n_cols, (max(logits.shape[0], 1), 0, logits.stride(0))
+    batch, seq_len = logits.shape[:2]
+    return batch * seq_len, n_cols, (max(seq_len, 1), logits.stride(0), logits.stride(1))
+
+
+def vector_elements(dtype: torch.dtype) -> int:
+    """Elements per 16-byte vector."""
+    return 16 // torch.empty(0, dtype=dtype).element_size()
+
+
+def aligned_like(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the rows of ``b`` start at the offsets of ``a``'s rows modulo 16 bytes (same shape and dtype), so that
+    one head/body/tail split of a row serves both."""
+    vec = vector_elements(a.dtype)
+    return all((sa - sb) % vec == 0 for sa, sb in zip(a.stride()[:-1], b.stride()[:-1]))
+
+
+def empty_rows_like(logits: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor of the logits' shape and dtype, dense but for less than 16 bytes of padding between
+    rows, whose rows start at the logits' row offsets modulo 16 bytes (``aligned_like``): the backward of a
+    ``[:, :-1]`` slice then writes 16-byte vectors as it reads them."""
+    vec = vector_elements(logits.dtype)
+    strides, size = [1], logits.shape[-1]
+    for dim in range(logits.dim() - 2, -1, -1):
+        stride = size + (logits.stride(dim) - size) % vec  # the smallest stride >= size with the logits' residue
+        strides.insert(0, stride)
+        size = stride * logits.shape[dim]
+    buffer = torch.empty(max(size, 1), dtype=logits.dtype, device=logits.device)
+    return buffer.as_strided(logits.shape, strides)
+
+
 def logits_forward(
     logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -250,9 +384,10 @@ def logits_forward(
     block_n: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """logits (N, V) with contiguous rows (any row stride), tokens (N,) int32/int64 ->
-    (logp, lse, entropy or None), each (N,) float32 (float64 for float64 logits)."""
-    n_rows, n_cols = logits.shape
+    """logits (N, V) or (B, T, V) with unit stride along V (any other strides: a ``[:, :-1]`` slice is read in
+    place), tokens (N,) or (B*T,) int32/int64 -> (logp, lse, entropy or None), each (N,) float32 (float64 for float64
+    logits)."""
+    n_rows, n_cols, layout = _rows(logits)
     torch_acc, tl_acc = _acc_dtype(logits.dtype)
     logp = torch.empty(n_rows, dtype=torch_acc, device=logits.device)
     lse = torch.empty(n_rows, dtype=torch_acc, device=logits.device)
@@ -266,7 +401,7 @@ def logits_forward(
     grid = (triton.cdiv(n_rows, block_n),)
     _logits_forward_kernel[grid](
         logits,
-        logits.stride(0),
+        *layout,
         tokens,
         tokens.stride(0),
         logp,
@@ -280,6 +415,7 @@ def logits_forward(
         WITH_ENTROPY=with_entropy,
         BLOCK_N=block_n,
         BLOCK_V=block_v,
+        VEC=vector_elements(logits.dtype),
         num_warps=num_warps,
     )
     return logp, lse, entropy
@@ -299,13 +435,15 @@ def logits_backward(
     block_n: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """d(loss)/d(logits) (N, V) from the per-row gradients of logp and entropy (grad_logp None: zeros; grad_entropy
-    None: no entropy term, else ``entropy`` from the forward is required). Written into ``out`` when given (any row
-    stride, contiguous rows; it may be ``logits`` itself), else into a new tensor of the logits dtype. The per-row
-    inputs may have any stride, including 0 (expanded gradients)."""
-    n_rows, n_cols = logits.shape
+    """d(loss)/d(logits), shaped like the logits, from the per-row gradients of logp and entropy (grad_logp None:
+    zeros; grad_entropy None: no entropy term, else ``entropy`` from the forward is required). A row whose upstream
+    gradients are all 0 gets exactly 0, whatever its logits hold, and is not read. Written into ``out`` when given
+    (the logits' shape, unit stride along V, any other strides; it may be ``logits`` itself), else into a new tensor
+    of the logits dtype (``empty_rows_like``). The per-row inputs may have any stride, including 0 (expanded
+    gradients)."""
+    n_rows, n_cols, layout = _rows(logits)
     if out is None:
-        out = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+        out = empty_rows_like(logits)
     if n_rows == 0:
         return out
     _, tl_acc = _acc_dtype(logits.dtype)
@@ -318,9 +456,9 @@ def logits_backward(
     grid = (triton.cdiv(n_rows, block_n),)
     _logits_backward_kernel[grid](
         logits,
-        logits.stride(0),
+        *layout,
         out,
-        out.stride(0),
+        *_rows(out)[2][1:],
         tokens,
         tokens.stride(0),
         lse,
@@ -338,8 +476,10 @@ def logits_backward(
         ACC=tl_acc,
         HAS_GRAD_LOGP=has_grad_logp,
         WITH_ENTROPY=with_entropy,
+        OUT_ALIGNED=aligned_like(logits, out),
         BLOCK_N=block_n,
         BLOCK_V=block_v,
+        VEC=vector_elements(logits.dtype),
         num_warps=num_warps,
     )
     return out

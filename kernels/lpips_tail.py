@@ -78,7 +78,7 @@ def _scale_frame(
 @triton.jit
 def _scale_l1_kernel(
     pred_ptr, target_ptr, x_ptr, l1_ptr, shift_ptr, scale_ptr,
-    B, G, F, K, H, W, n_split, inv_numel: "fp64",
+    B, G, F, K, H, W, n_split, inv_numel: tl.float64,
     sp_n, sp_c, sp_h, sp_w, st_n, st_c, st_h, st_w, sx_n, sx_c, sx_h, sx_w,
     BLOCK: tl.constexpr,
 ):
@@ -174,7 +174,7 @@ def _unit_length_tiles(pred_ptr, target_ptr, p, t, pix, pix_ok, ch, C, W, eps2, 
 @triton.jit
 def _lpips_tail_fwd_kernel(
     pred_ptr, target_ptr, w_ptr, out_ptr,
-    C, H, W, G, F, n_split, inv_hw: "fp64", eps2: "fp64",
+    C, H, W, G, F, n_split, inv_hw: tl.float64, eps2: tl.float64,
     sp_n, sp_c, sp_h, sp_w, st_n, st_c, st_h, st_w,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -200,7 +200,7 @@ def _lpips_tail_fwd_kernel(
 @triton.jit
 def _lpips_tail_bwd_kernel(
     pred_ptr, target_ptr, w_ptr, grad_dist_ptr, grad_ptr,
-    C, H, W, G, F, inv_hw: "fp64", eps2: "fp64",
+    C, H, W, G, F, inv_hw: tl.float64, eps2: tl.float64,
     sp_n, sp_c, sp_h, sp_w, st_n, st_c, st_h, st_w, sg_n, sg_c, sg_h, sg_w,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):

@@ -344,3 +344,100 @@ def _cover(v, block_v):
 
 def _pow2(x):
     return x > 0 and (x & (x - 1)) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rows split into head, 16-byte body and tail; (B, T, V) rows read in place; rows without upstream gradient
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("v", [1, 3, 8, 9, 33, 4633])
+def test_every_head_and_tail_length(dtype, v):
+    """An odd row stride and a base one element past the allocation's start put the 9 rows' starts at every offset
+    modulo 16 bytes, so the head and the tail take every length from 0 to 16 bytes - 1 (for v >= 16 bytes)."""
+    n, stride = 9, v + (v + 1) % 2
+    g = torch.Generator().manual_seed(v)
+    buf = torch.full((n * stride + 8,), 777.0, dtype=torch.float64)
+    buf[1:].as_strided((n, v), (stride, 1)).copy_(torch.randn(n, v, generator=g, dtype=torch.float64) * 3)
+    logits = buf.to(dtype).to(DEVICE)[1:].as_strided((n, v), (stride, 1))
+    tokens = _tokens(n, v)
+    cfg = {"block_v": 8 if 16 < v < 100 else None, "block_n": 4}  # the V loop runs several steps
+    _check_forward(logits, tokens, 1.0 / 0.7, True, **cfg)
+    for inplace in (False, True):
+        _check_backward(logits.clone() if not inplace else logits, tokens, 1.0 / 0.7, True, inplace, pad_out=2, **cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_sliced_three_dim_logits_in_place(dtype):
+    """The [:, :-1] slice of (B, T + 1, V) logits: read where it is; the same values as its contiguous copy; the
+    in-place backward writes the slice only (the dropped last position keeps its logits); a new gradient has rows at
+    the logits' offsets modulo 16 bytes (vector stores as the loads)."""
+    B, T, V = 2, 3, 4633
+    g = torch.Generator().manual_seed(5)
+    full = (torch.randn(B, T + 1, V, generator=g, dtype=torch.float64) * 3).to(dtype).to(DEVICE)
+    logits = full[:, :-1]
+    assert not logits.is_contiguous() and logits.stride() == ((T + 1) * V, V, 1)
+    dense = logits.contiguous()
+    tokens = _tokens(B * T, V)
+    for with_entropy in (False, True):
+        got = K.logits_forward(logits, tokens, 1.0 / 0.7, with_entropy, block_v=1024)
+        want = K.logits_forward(dense.view(B * T, V), tokens, 1.0 / 0.7, with_entropy, block_v=1024)
+        for a, b in zip(got, want):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-6 if dtype != torch.float64 else 1e-13, atol=1e-6)
+    logp, lse, entropy = K.logits_forward(dense.view(B * T, V), tokens, 1.0, True)
+    grad_logp = torch.randn(B * T, generator=g, dtype=lse.dtype).to(DEVICE)
+    grad_entropy = torch.randn(B * T, generator=g, dtype=lse.dtype).to(DEVICE)
+    args = (tokens, 1.0, lse, grad_logp, entropy, grad_entropy)
+    expected = K.logits_backward(dense.view(B * T, V), *args).view(B, T, V)
+    fresh = K.logits_backward(logits, *args)
+    assert fresh.shape == (B, T, V) and K.aligned_like(logits, fresh)
+    assert torch.equal(fresh, expected)
+    last = full[:, -1].clone()
+    out = K.logits_backward(logits, *args, out=logits)
+    assert out.data_ptr() == full.data_ptr()
+    assert torch.equal(full[:, :-1], expected) and torch.equal(full[:, -1], last)
+
+
+def test_empty_rows_like_matches_the_row_offsets():
+    for shape, strides in [((5, 7), (7, 1)), ((5, 7), (12, 1)), ((3, 4, 9), (45, 9, 1)), ((2, 3, 5), (100, 33, 1))]:
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            logits = torch.empty(2000, dtype=dtype).as_strided(shape, strides)
+            out = K.empty_rows_like(logits)
+            vec = K.vector_elements(dtype)
+            assert out.shape == logits.shape and out.dtype == dtype and K.aligned_like(logits, out)
+            assert out.data_ptr() % 16 == 0
+            assert out.untyped_storage().nbytes() <= (out.numel() + len(shape) * vec * shape[0]) * out.element_size()
+            if logits.is_contiguous():
+                assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_rows_without_upstream_gradient_get_zeros(dtype, with_entropy):
+    """A masked position (grad_logp = grad_entropy = 0) gets exactly 0 whatever its row holds: NaN, +inf, all -inf;
+    a NaN row that does get a gradient stays NaN. In place too."""
+    n, v = 6, 300
+    logits = _logits(n, v, torch.float64)
+    logits[0, 5] = float("nan")
+    logits[1, 7] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, :100] = float("nan")
+    logits[5, 9] = float("nan")
+    logits = logits.to(dtype)
+    tokens = _tokens(n, v)
+    logp, lse, entropy = K.logits_forward(logits, tokens, 1.0, True)
+    grad_logp = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 0.7], dtype=lse.dtype, device=DEVICE)
+    grad_entropy = torch.tensor([0.0, 0.0, 0.0, 0.0, -1.0, 0.0], dtype=lse.dtype, device=DEVICE)
+    ge = grad_entropy if with_entropy else None
+    for inplace in (False, True):
+        buf = logits.clone()
+        out = K.logits_backward(buf, tokens, 1.0, lse, grad_logp, entropy, ge, out=buf if inplace else None,
+                                block_v=64, block_n=2)
+        assert (out[:4] == 0).all(), "a row without upstream gradient got a nonzero gradient"
+        assert torch.isfinite(out[4]).all() and out[5].isnan().all()
+    # the reference primitive defines the same
+    ref = R.logits_backward(logits.double(), tokens, 1.0, lse.double(), grad_logp.double(), entropy.double(),
+                            ge.double() if with_entropy else None)
+    assert (ref[:4] == 0).all() and torch.isfinite(ref[4]).all() and ref[5].isnan().all()

@@ -4,7 +4,8 @@
 // forward_row_partial / online_merge / forward_row_finish and backward_row. This program runs those same functions
 // on the host, lane by lane, with the same warp butterfly and block reduction order as the kernels, for every
 // launch shape, dtype, odd vocabularies, misaligned rows, masked (-inf) entries, fully masked rows, out-of-range
-// tokens, in-place and out-of-place backward, and compares with float64 math. Only the CUDA parts (shuffles,
+// tokens, in-place and out-of-place backward, rows laid out as the [:, :-1] slice of a (B, T + 1, V) tensor, rows
+// without upstream gradient (zeros whatever they hold), and compares with float64 math. Only the CUDA parts (shuffles,
 // shared memory, the grid loop, launches) are not exercised here.
 //
 // The FSQ kernels (csrc/fsq.cu) are checked the same way: their per-dimension row functions (quantize level, index
@@ -55,12 +56,12 @@ struct Buffer {
 
 // Emulates logits_forward_kernel for one launch shape.
 template <typename T, int THREADS>
-void emulate_forward(const T* logits, int64_t n_rows, int vocab, int64_t row_stride, const int64_t* tokens,
+void emulate_forward(const T* logits, int64_t n_rows, int vocab, const RowLayout& layout, const int64_t* tokens,
                      float inv_t, float* logp, float* lse, float* entropy) {
   constexpr int NWARPS = THREADS / kWarpSize;
   std::vector<Online> st(THREADS), tmp(THREADS);
   for (int64_t row = 0; row < n_rows; ++row) {
-    const T* x = logits + row * row_stride;
+    const T* x = logits + row_start(row, layout);
     for (int lane = 0; lane < THREADS; ++lane) {
       st[lane] = entropy != nullptr ? forward_row_partial<T, THREADS, true>(x, vocab, inv_t, lane)
                                     : forward_row_partial<T, THREADS, false>(x, vocab, inv_t, lane);
@@ -99,7 +100,7 @@ void emulate_forward(const T* logits, int64_t n_rows, int vocab, int64_t row_str
 
 // Emulates logits_backward_kernel for one launch shape.
 template <typename T, int THREADS, bool kEntropy>
-void emulate_backward(const T* logits, int64_t row_stride, T* grad, int64_t grad_row_stride, int64_t n_rows,
+void emulate_backward(const T* logits, const RowLayout& layout, T* grad, const RowLayout& grad_layout, int64_t n_rows,
                       int vocab, const int64_t* tokens, float inv_t, const float* lse, const float* grad_logp,
                       const float* entropy, const float* grad_entropy) {
   for (int64_t row = 0; row < n_rows; ++row) {
@@ -108,8 +109,8 @@ void emulate_backward(const T* logits, int64_t row_stride, T* grad, int64_t grad
     const float h = kEntropy ? entropy[row] : 0.f;
     const int64_t tok = tokens != nullptr ? tokens[row] : -1;
     for (int lane = 0; lane < THREADS; ++lane) {
-      backward_row<T, THREADS, kEntropy>(logits + row * row_stride, grad + row * grad_row_stride, vocab, tok, inv_t,
-                                         lse[row], g, ge, h, lane);
+      backward_row<T, THREADS, kEntropy>(logits + row_start(row, layout), grad + row_start(row, grad_layout), vocab,
+                                         tok, inv_t, lse[row], g, ge, h, lane);
     }
   }
 }
@@ -163,6 +164,7 @@ double grad_rtol() {
 template <typename T, int THREADS>
 void run_case(std::mt19937& rng, int vocab, int n_rows, int64_t pad, int elem_offset, bool special_rows) {
   const int64_t stride = vocab + pad;
+  const RowLayout plain{n_rows, 0, stride};  // an (N, V) matrix with row stride `stride`
   const float inv_t = 1.0f / 0.7f;
   char name[160];
   std::snprintf(name, sizeof(name), "%s THREADS=%d V=%d rows=%d pad=%lld offset=%d", type_name<T>(), THREADS, vocab,
@@ -195,7 +197,7 @@ void run_case(std::mt19937& rng, int vocab, int n_rows, int64_t pad, int elem_of
 
   // ---- forward
   std::vector<float> logp(n_rows, NAN), lse(n_rows, NAN), ent(n_rows, NAN);
-  emulate_forward<T, THREADS>(logits, n_rows, vocab, stride, tokens.data(), inv_t, logp.data(), lse.data(),
+  emulate_forward<T, THREADS>(logits, n_rows, vocab, plain, tokens.data(), inv_t, logp.data(), lse.data(),
                               ent.data());
   std::vector<RefRow> ref(n_rows);
   for (int r = 0; r < n_rows; ++r) {
@@ -212,7 +214,7 @@ void run_case(std::mt19937& rng, int vocab, int n_rows, int64_t pad, int elem_of
   }
   // entropy pointer NULL must not change the rest
   std::vector<float> logp2(n_rows, NAN), lse2(n_rows, NAN);
-  emulate_forward<T, THREADS>(logits, n_rows, vocab, stride, tokens.data(), inv_t, logp2.data(), lse2.data(),
+  emulate_forward<T, THREADS>(logits, n_rows, vocab, plain, tokens.data(), inv_t, logp2.data(), lse2.data(),
                               nullptr);
   ++g_checks;
   if (std::memcmp(logp2.data(), logp.data(), n_rows * sizeof(float)) != 0 ||
@@ -231,6 +233,7 @@ void run_case(std::mt19937& rng, int vocab, int n_rows, int64_t pad, int elem_of
     // out of place: a NaN-poisoned buffer with another stride and alignment offset (scalar path when the offsets
     // from a 16-byte boundary differ), then in place on a copy of the logits.
     const int64_t gstride = stride + 1;
+    const RowLayout gplain{n_rows, 0, gstride};
     const int goff = elem_offset + 1;
     Buffer gbuf((n_rows * gstride + goff + 16) * sizeof(T));
     T* grad = reinterpret_cast<T*>(gbuf.bytes()) + goff;
@@ -243,18 +246,18 @@ void run_case(std::mt19937& rng, int vocab, int n_rows, int64_t pad, int elem_of
     T* same = reinterpret_cast<T*>(sbuf.bytes()) + elem_offset;
     for (int64_t k = 0; k < n_rows * stride; ++k) same[k] = from_float<T>(NAN);
     if (with_ent) {
-      emulate_backward<T, THREADS, true>(logits, stride, grad, gstride, n_rows, vocab, tokens.data(), inv_t,
+      emulate_backward<T, THREADS, true>(logits, plain, grad, gplain, n_rows, vocab, tokens.data(), inv_t,
                                          lse.data(), g.data(), ent.data(), ge.data());
-      emulate_backward<T, THREADS, true>(inplace, stride, inplace, stride, n_rows, vocab, tokens.data(), inv_t,
+      emulate_backward<T, THREADS, true>(inplace, plain, inplace, plain, n_rows, vocab, tokens.data(), inv_t,
                                          lse.data(), g.data(), ent.data(), ge.data());
-      emulate_backward<T, THREADS, true>(logits, stride, same, stride, n_rows, vocab, tokens.data(), inv_t,
+      emulate_backward<T, THREADS, true>(logits, plain, same, plain, n_rows, vocab, tokens.data(), inv_t,
                                          lse.data(), g.data(), ent.data(), ge.data());
     } else {
-      emulate_backward<T, THREADS, false>(logits, stride, grad, gstride, n_rows, vocab, tokens.data(), inv_t,
+      emulate_backward<T, THREADS, false>(logits, plain, grad, gplain, n_rows, vocab, tokens.data(), inv_t,
                                           lse.data(), g.data(), nullptr, nullptr);
-      emulate_backward<T, THREADS, false>(inplace, stride, inplace, stride, n_rows, vocab, tokens.data(), inv_t,
+      emulate_backward<T, THREADS, false>(inplace, plain, inplace, plain, n_rows, vocab, tokens.data(), inv_t,
                                           lse.data(), g.data(), nullptr, nullptr);
-      emulate_backward<T, THREADS, false>(logits, stride, same, stride, n_rows, vocab, tokens.data(), inv_t,
+      emulate_backward<T, THREADS, false>(logits, plain, same, plain, n_rows, vocab, tokens.data(), inv_t,
                                           lse.data(), g.data(), nullptr, nullptr);
     }
     int bad = 0;
@@ -313,9 +316,117 @@ void nan_case() {
   x[5] = from_float<T>(NAN);
   const int64_t tok = 2;
   float logp, lse, ent;
-  emulate_forward<T, 32>(x.data(), 1, vocab, vocab, &tok, 1.f, &logp, &lse, &ent);
+  emulate_forward<T, 32>(x.data(), 1, vocab, RowLayout{1, 0, vocab}, &tok, 1.f, &logp, &lse, &ent);
   ++g_checks;
   if (!std::isnan(lse) || !std::isnan(logp) || !std::isnan(ent)) fail(std::string(type_name<T>()) + " NaN row");
+}
+
+// The [:, :-1] slice of a (B, T + 1, V) buffer, read in place as a (B, T) grid of rows: the same bits as the dense
+// (B * T, V) copy of that slice, forward and backward (in place, and out of place into a grid with its own strides);
+// the dropped last position of every sequence is never written.
+template <typename T, int THREADS>
+void grid_case(std::mt19937& rng, int vocab, int batch, int seq_len, int elem_offset) {
+  char name[120];
+  std::snprintf(name, sizeof(name), "%s THREADS=%d grid %dx%d V=%d offset=%d", type_name<T>(), THREADS, batch,
+                seq_len, vocab, elem_offset);
+  const int64_t n = static_cast<int64_t>(batch) * seq_len;
+  const RowLayout slice{seq_len, static_cast<int64_t>(seq_len + 1) * vocab, vocab};
+  const RowLayout dense{n, 0, vocab};
+  const size_t full = static_cast<size_t>(batch) * (seq_len + 1) * vocab;
+  Buffer buf((full + elem_offset + 16) * sizeof(T)), dbuf((n * vocab + 16) * sizeof(T));
+  T* x = reinterpret_cast<T*>(buf.bytes()) + elem_offset;
+  T* d = reinterpret_cast<T*>(dbuf.bytes());
+  std::normal_distribution<float> normal(0.f, 3.f);
+  for (size_t k = 0; k < full; ++k) x[k] = from_float<T>(normal(rng));
+  for (int64_t r = 0; r < n; ++r) std::memcpy(d + r * vocab, x + row_start(r, slice), vocab * sizeof(T));
+  std::vector<int64_t> tokens(n);
+  std::uniform_int_distribution<int64_t> pick(0, vocab - 1);
+  for (auto& t : tokens) t = pick(rng);
+  const float inv_t = 1.3f;
+  std::vector<float> a(3 * n), b(3 * n);
+  emulate_forward<T, THREADS>(x, n, vocab, slice, tokens.data(), inv_t, a.data(), a.data() + n, a.data() + 2 * n);
+  // row by row at the same addresses (the same head/body/tail split, so the same bits)
+  for (int64_t r = 0; r < n; ++r) {
+    emulate_forward<T, THREADS>(x + row_start(r, slice), 1, vocab, RowLayout{1, 0, vocab}, &tokens[r], inv_t,
+                                &b[r], &b[n + r], &b[2 * n + r]);
+  }
+  ++g_checks;
+  if (std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) != 0) fail(std::string(name) + " forward differs");
+
+  std::vector<float> g(n), ge(n);
+  for (int64_t r = 0; r < n; ++r) {
+    g[r] = normal(rng);
+    ge[r] = normal(rng);
+  }
+  const float* lse = a.data() + n;
+  const float* ent = a.data() + 2 * n;
+  // out of place into a grid with its own sequence stride (one element of padding per sequence)
+  const RowLayout out_layout{seq_len, static_cast<int64_t>(seq_len) * vocab + 1, vocab};
+  Buffer obuf((static_cast<size_t>(batch) * (seq_len * vocab + 1) + 16) * sizeof(T));
+  T* out = reinterpret_cast<T*>(obuf.bytes());
+  emulate_backward<T, THREADS, true>(x, slice, out, out_layout, n, vocab, tokens.data(), inv_t, lse, g.data(), ent,
+                                     ge.data());
+  emulate_backward<T, THREADS, true>(d, dense, d, dense, n, vocab, tokens.data(), inv_t, lse, g.data(), ent,
+                                     ge.data());
+  std::vector<T> last(static_cast<size_t>(batch) * vocab);
+  for (int bi = 0; bi < batch; ++bi) {
+    std::memcpy(last.data() + bi * vocab, x + (static_cast<int64_t>(bi) * (seq_len + 1) + seq_len) * vocab,
+                vocab * sizeof(T));
+  }
+  emulate_backward<T, THREADS, true>(x, slice, x, slice, n, vocab, tokens.data(), inv_t, lse, g.data(), ent,
+                                     ge.data());
+  bool same = true;
+  for (int64_t r = 0; r < n; ++r) {
+    same &= std::memcmp(x + row_start(r, slice), d + r * vocab, vocab * sizeof(T)) == 0;
+    same &= std::memcmp(out + row_start(r, out_layout), d + r * vocab, vocab * sizeof(T)) == 0;
+  }
+  bool untouched = true;
+  for (int bi = 0; bi < batch; ++bi) {
+    untouched &= std::memcmp(last.data() + bi * vocab,
+                             x + (static_cast<int64_t>(bi) * (seq_len + 1) + seq_len) * vocab, vocab * sizeof(T)) == 0;
+  }
+  g_checks += 2;
+  if (!same) fail(std::string(name) + " backward differs from the dense copy's");
+  if (!untouched) fail(std::string(name) + " backward wrote into the dropped last position");
+}
+
+// Rows without upstream gradient (g = ge = 0, a masked position) get exactly 0 whatever they hold (NaN, +inf, all
+// -inf), in place and out of place; a NaN row that does get a gradient stays NaN.
+template <typename T, int THREADS>
+void dead_rows_case(int vocab) {
+  const int n = 5;
+  const RowLayout layout{n, 0, vocab};
+  std::vector<T> x(static_cast<size_t>(n) * vocab);
+  for (int r = 0; r < n; ++r)
+    for (int j = 0; j < vocab; ++j) x[r * vocab + j] = from_float<T>(0.01f * ((j * 7 + r) % 13));
+  x[0 * vocab + 3 % vocab] = from_float<T>(NAN);
+  x[1 * vocab + 1 % vocab] = from_float<T>(INFINITY);
+  for (int j = 0; j < vocab; ++j) x[2 * vocab + j] = from_float<T>(-INFINITY);
+  x[4 * vocab + 2 % vocab] = from_float<T>(NAN);
+  const std::vector<int64_t> tokens = {1 % vocab, 2 % vocab, 0, 3 % vocab, 4 % vocab};
+  std::vector<float> logp(n), lse(n), ent(n);
+  emulate_forward<T, THREADS>(x.data(), n, vocab, layout, tokens.data(), 1.f, logp.data(), lse.data(), ent.data());
+  const std::vector<float> g = {0.f, 0.f, 0.f, 0.5f, 0.5f}, ge = {0.f, 0.f, 0.f, -1.f, 0.f};
+  std::vector<T> out(x.size(), from_float<T>(NAN)), inplace = x;
+  emulate_backward<T, THREADS, true>(x.data(), layout, out.data(), layout, n, vocab, tokens.data(), 1.f, lse.data(),
+                                     g.data(), ent.data(), ge.data());
+  emulate_backward<T, THREADS, true>(inplace.data(), layout, inplace.data(), layout, n, vocab, tokens.data(), 1.f,
+                                     lse.data(), g.data(), ent.data(), ge.data());
+  bool zeros = true, finite = true, nan_kept = true;
+  for (int r = 0; r < 4; ++r) {
+    for (int j = 0; j < vocab; ++j) {
+      const float a = to_float(out[r * vocab + j]), b = to_float(inplace[r * vocab + j]);
+      if (r < 3) zeros &= (a == 0.f && b == 0.f);
+      finite &= std::isfinite(a) && std::isfinite(b);
+    }
+  }
+  for (int j = 0; j < vocab; ++j) nan_kept &= std::isnan(to_float(out[4 * vocab + j]));
+  char name[80];
+  std::snprintf(name, sizeof(name), "%s THREADS=%d V=%d", type_name<T>(), THREADS, vocab);
+  g_checks += 3;
+  if (!zeros) fail(std::string(name) + ": a row without upstream gradient got a nonzero gradient");
+  if (!finite) fail(std::string(name) + ": a non-finite gradient in a masked or finite row");
+  if (!nan_kept) fail(std::string(name) + ": a NaN row with a gradient must stay NaN");
 }
 
 template <typename T>
@@ -334,6 +445,11 @@ void run_dtype(std::mt19937& rng) {
   run_case<T, 512>(rng, 40001, 5, 3, 0, true);
   run_case<T, 512>(rng, 151936, 5, 0, 0, true);
   run_case<T, 512>(rng, 151936, 2, 0, 1, false);
+  grid_case<T, 32>(rng, 4633, 3, 4, 0);
+  grid_case<T, 32>(rng, 37, 2, 5, 1);
+  grid_case<T, 512>(rng, 40001, 2, 2, 3);
+  for (int v : {1, 9, 37, 4633}) dead_rows_case<T, 32>(v);
+  dead_rows_case<T, 256>(12345);
   nan_case<T>();
 }
 
@@ -460,7 +576,7 @@ int main() {
   {
     float logp = 0, lse = 0, ent = 1;
     const int64_t tok = 0;
-    emulate_forward<float, 32>(nullptr, 1, 0, 0, &tok, 1.f, &logp, &lse, &ent);
+    emulate_forward<float, 32>(nullptr, 1, 0, RowLayout{1, 0, 0}, &tok, 1.f, &logp, &lse, &ent);
     ++g_checks;
     if (!(lse == -INFINITY && logp == -INFINITY && ent == 0.f)) fail("vocab 0 row");
   }

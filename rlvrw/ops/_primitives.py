@@ -1,6 +1,7 @@
 """The two logits passes (``logits_forward``, ``logits_backward``) for each backend, behind one signature.
 
-Specs and signatures: ``rlvrw.reference.logprobs``. The CUDA pair wraps the ops that ``rlvrw._C`` registers.
+Specs and signatures: ``rlvrw.reference.logprobs``. The CUDA pair wraps the ops that ``rlvrw._C`` registers. Every pair
+takes (N, V) or (B, T, V) logits with unit stride along V and any other strides.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ def _cuda_forward(logits, tokens, inv_temperature, with_entropy):
 
 def _cuda_backward(logits, tokens, inv_temperature, lse, grad_logp, entropy=None, grad_entropy=None, out=None):
     if out is None:
-        out = torch.empty_like(logits)
+        from rlvrw.kernels.logprobs import empty_rows_like
+
+        out = empty_rows_like(logits)  # rows at the logits' offsets modulo 16 bytes: vector stores as the loads
     grad_logp = grad_logp.float().contiguous()
     if grad_entropy is not None:
         grad_entropy = grad_entropy.float().contiguous()

@@ -53,7 +53,7 @@ import torch
 from rlvrw import reference
 from rlvrw.ops import _backend, _checks
 from rlvrw.ops._primitives import logits_passes
-from rlvrw.ops.logprobs import resolve_logits_backend
+from rlvrw.ops.logprobs import logits_rows, resolve_logits_backend
 from rlvrw.reference.grpo import (
     ADVANTAGE_SCALES,
     K3_VALUE_CLAMP,
@@ -306,10 +306,10 @@ class GRPOLossFromLogitsFunction(torch.autograd.Function):
     themselves when in place."""
 
     @staticmethod
-    def forward(ctx, logits2d, tokens1d, old_logp, advantages, valid, ref_logp, rollout_is_weights, inv_temperature,
+    def forward(ctx, logits, tokens1d, old_logp, advantages, valid, ref_logp, rollout_is_weights, inv_temperature,
                 opts, with_entropy, inplace, backend):
         passes = logits_passes(backend)
-        logp, lse, entropy = passes.logits_forward(logits2d, tokens1d, inv_temperature, with_entropy)
+        logp, lse, entropy = passes.logits_forward(logits, tokens1d, inv_temperature, with_entropy)
         dlogp, row_stats = _token_loss(
             logp.view(valid.shape), old_logp, advantages, valid, ref_logp, rollout_is_weights, opts
         )
@@ -318,21 +318,21 @@ class GRPOLossFromLogitsFunction(torch.autograd.Function):
         else:
             entropy = logp.new_empty(0)
             ctx.mark_non_differentiable(entropy)
-        ctx.save_for_backward(logits2d, tokens1d, lse, dlogp, entropy, valid)
+        ctx.save_for_backward(logits, tokens1d, lse, dlogp, entropy, valid)
         ctx.passes, ctx.inv_temperature, ctx.inplace = passes, inv_temperature, inplace
         ctx.mark_non_differentiable(row_stats)
         return _loss_from_rows(row_stats, opts.kl_coef), row_stats, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_rows, grad_entropy):
-        logits2d, tokens1d, lse, dlogp, entropy, valid = ctx.saved_tensors
+        logits, tokens1d, lse, dlogp, entropy, valid = ctx.saved_tensors
         if entropy.numel() == 0 or grad_entropy is None:
             entropy = grad_entropy = None
         else:
             grad_entropy = torch.where(valid.reshape(-1), grad_entropy, 0)
         grad_logits = ctx.passes.logits_backward(
-            logits2d, tokens1d, ctx.inv_temperature, lse, (dlogp * grad_loss).reshape(-1), entropy, grad_entropy,
-            out=logits2d if ctx.inplace else None,
+            logits, tokens1d, ctx.inv_temperature, lse, (dlogp * grad_loss).reshape(-1), entropy, grad_entropy,
+            out=logits if ctx.inplace else None,
         )
         return (grad_logits,) + (None,) * 11
 
@@ -380,18 +380,16 @@ def grpo_loss_from_logits(
     vocab = logits.shape[-1]
     _checks.token_ids("tokens", tokens, vocab, valid)
     tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
-    logits2d, tokens1d = logits.reshape(-1, vocab), tokens.reshape(-1)
-    name = resolve_logits_backend("grpo_loss_from_logits", logits2d, tokens1d, backend)
+    tokens1d = tokens.reshape(-1)
+    name = resolve_logits_backend("grpo_loss_from_logits", logits, tokens1d, backend)
     if name == "reference":
         return reference.grpo_loss_from_logits(
             logits, tokens, old_logp, advantages, mask, ref_logp, temperature, return_entropy, rollout_is_weights,
             **opts.as_kwargs(),
         )
-    if logits2d.stride(-1) != 1:
-        logits2d = logits2d.contiguous()
     loss, row_stats, entropy = GRPOLossFromLogitsFunction.apply(
-        logits2d, tokens1d, old_logp, advantages, valid, ref_logp, rollout_is_weights, 1.0 / temperature, opts,
-        return_entropy, inplace_backward, name,
+        logits_rows(logits), tokens1d, old_logp, advantages, valid, ref_logp, rollout_is_weights, 1.0 / temperature,
+        opts, return_entropy, inplace_backward, name,
     )
     if return_entropy:
         return loss, _stats(row_stats), entropy.view(bt)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rlvrw import reference
@@ -9,22 +11,30 @@ from rlvrw.ops import _backend, _checks
 from rlvrw.ops._primitives import logits_passes
 
 
-def _logits_key(logits2d: torch.Tensor) -> tuple:
-    return (logits2d.dtype, _backend.size_class(logits2d.shape[0]), _backend.size_class(logits2d.shape[1]))
+def _logits_key(logits: torch.Tensor) -> tuple:
+    rows = math.prod(logits.shape[:-1])
+    return (logits.dtype, _backend.size_class(rows), _backend.size_class(logits.shape[-1]))
 
 
-def resolve_logits_backend(op: str, logits2d: torch.Tensor, tokens1d: torch.Tensor, backend: str | None) -> str:
+def logits_rows(logits: torch.Tensor) -> torch.Tensor:
+    """The (N, V) or (B, T, V) logits as the logits passes take them: unit stride along V, any other strides (a
+    ``[:, :-1]`` slice is not copied); a copy only when V itself is strided."""
+    return logits if logits.stride(-1) == 1 or logits.shape[-1] <= 1 else logits.contiguous()
+
+
+def resolve_logits_backend(op: str, logits: torch.Tensor, tokens1d: torch.Tensor, backend: str | None) -> str:
     """Backend for an op whose heavy part is the logits passes: on a GPU, race the forward pass of each."""
 
     def race(name):
         passes = logits_passes(name)
-        return lambda: passes.logits_forward(logits2d, tokens1d, 1.0, False)
+        return lambda: passes.logits_forward(logits_rows(logits), tokens1d, 1.0, False)
 
-    return _backend.resolve(op, logits2d.device, backend, race=race, race_key=_logits_key(logits2d))
+    return _backend.resolve(op, logits.device, backend, race=race, race_key=_logits_key(logits))
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
-    """logits (N, V) -> logp (N,) and entropy (N,) (empty unless asked), with the backend's two logits passes."""
+    """logits (N, V) or (B, T, V) -> logp (N,) and entropy (N,) (empty unless asked), with the backend's two logits
+    passes."""
 
     @staticmethod
     def forward(ctx, logits, tokens, inv_temperature, with_entropy, inplace_backward, backend):
@@ -80,21 +90,21 @@ def token_logprobs(
 
     logits (N, V) or (B, T, V) in any float dtype, tokens matching (…,) int64/int32. Returns float32 (float64 for
     float64 logits) log-probs, and entropies when ``return_entropy``. Math is float32 at least, with an online
-    log-sum-exp over V in one pass. ``inplace_backward=True`` lets the backward write d(logits) over the logits
-    (saving an (N, V) buffer): only when nothing else needs the logits after this call.
+    log-sum-exp over V in one pass. Strided logits such as ``logits[:, :-1]`` of a model's (B, T + 1, V) output are
+    read where they are, not copied. ``inplace_backward=True`` lets the backward write d(logits) over the logits
+    (saving an (N, V) buffer): only when nothing else needs the logits after this call. A position whose log-prob
+    (and entropy) gets no gradient gets a zero d(logits) row, whatever its logits hold.
     """
     _check_logits_tokens(logits, tokens)
     temperature = _check_temperature(temperature)
     vocab = logits.shape[-1]
     _checks.token_ids("tokens", tokens, vocab)
-    logits2d, tokens1d = logits.reshape(-1, vocab), tokens.reshape(-1)
-    name = resolve_logits_backend("token_logprobs", logits2d, tokens1d, backend)
+    tokens1d = tokens.reshape(-1)
+    name = resolve_logits_backend("token_logprobs", logits, tokens1d, backend)
     if name == "reference":
         return reference.token_logprobs(logits, tokens, temperature, return_entropy)
-    if logits2d.stride(-1) != 1:
-        logits2d = logits2d.contiguous()
     logp, entropy = TokenLogprobsFunction.apply(
-        logits2d, tokens1d, 1.0 / temperature, return_entropy, inplace_backward, name
+        logits_rows(logits), tokens1d, 1.0 / temperature, return_entropy, inplace_backward, name
     )
     shape = logits.shape[:-1]
     return (logp.view(shape), entropy.view(shape)) if return_entropy else logp.view(shape)
@@ -122,6 +132,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty_like(logp)
         entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+        logits = None  # no chunk at all when there are no rows
         for start in range(0, n, chunk_rows):
             rows = slice(start, min(start + chunk_rows, n))
             logits = hidden[rows] @ weight.t()
@@ -175,7 +186,7 @@ def linear_token_logprobs(
 
     hidden (N, H) or (B, T, H), weight (V, H) (an ``nn.Linear`` output layer's weight, no bias), tokens (N,) or
     (B, T). Rows are processed ``chunk_rows`` at a time (default: ``default_chunk_rows``); backward returns d(hidden)
-    and d(weight).
+    and d(weight). No rows (N = 0, or T = 0) give empty log-probs and zero gradients.
     """
     _checks.tensor("hidden", hidden, dims=(2, 3))
     _checks.tensor("weight", weight, dims=(2,))
