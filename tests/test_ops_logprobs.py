@@ -1,5 +1,6 @@
 """rlvrw.ops.token_logprobs and linear_token_logprobs: every backend against the float64 reference, gradients too."""
 
+import math
 import types
 
 import pytest
@@ -129,7 +130,12 @@ def test_logprob_ops_bad_input():
         (lambda: ops.token_logprobs(logits, tokens[:, :2]), "tokens must have shape"),
         (lambda: ops.token_logprobs(logits, tokens.float()), "tokens must have dtype in"),
         (lambda: ops.token_logprobs(logits, tokens - 1), r"tokens must lie in \[0, 10\)"),
-        (lambda: ops.token_logprobs(logits, tokens, temperature=-1.0), "temperature must be a number > 0"),
+        (lambda: ops.token_logprobs(logits, tokens, temperature=-1.0), "temperature must be a finite number > 0"),
+        (lambda: ops.token_logprobs(logits, tokens, temperature=math.inf), "temperature must be a finite number > 0"),
+        (lambda: ops.token_logprobs(logits, tokens, temperature=True), "temperature must be a real number, got bool"),
+        (lambda: ops.token_logprobs(logits, tokens, temperature="1"), "temperature must be a real number, got str"),
+        (lambda: ops.token_logprobs(logits, tokens, return_entropy=1), "return_entropy must be True or False"),
+        (lambda: ops.token_logprobs(logits[..., :0], tokens), r"logits must have a vocabulary \(last\) dimension"),
         (lambda: ops.token_logprobs(logits[0, 0], tokens[0, 0]), "logits must be 2-D or 3-D"),
         (lambda: ops.linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 7), torch.randint(0, 10, (4,))),
          "weight must have shape"),
@@ -137,6 +143,10 @@ def test_logprob_ops_bad_input():
          "weight must have the dtype of hidden"),
         (lambda: ops.linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,)), chunk_rows=0),
          "chunk_rows must be a positive int"),
+        (lambda: ops.linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,)), chunk_rows=True),
+         "chunk_rows must be an int, got bool"),
+        (lambda: ops.linear_token_logprobs(torch.randn(4, 8), torch.randn(0, 8), torch.randint(0, 1, (4,))),
+         "weight must have at least one row"),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):

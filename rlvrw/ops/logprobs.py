@@ -64,16 +64,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return grad_logits, None, None, None, None, None
 
 
-def _check_temperature(temperature) -> float:
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    return float(temperature)
-
-
 def _check_logits_tokens(logits, tokens, logits_name="logits"):
     _checks.tensor(logits_name, logits, dims=(2, 3))
     _checks.tensor("tokens", tokens, dtypes=_checks.INDEX_DTYPES)
     _checks.shape("tokens", tokens, logits.shape[:-1], f"{logits_name}.shape[:-1]")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{logits_name} must have a vocabulary (last) dimension of size >= 1, "
+                         f"got shape {tuple(logits.shape)}")
     _checks.same_device(**{logits_name: logits, "tokens": tokens})
 
 
@@ -96,7 +93,8 @@ def token_logprobs(
     (and entropy) gets no gradient gets a zero d(logits) row, whatever its logits hold.
     """
     _check_logits_tokens(logits, tokens)
-    temperature = _check_temperature(temperature)
+    temperature = _checks.number("temperature", temperature, low=0, low_open=True)
+    return_entropy = _checks.boolean("return_entropy", return_entropy)
     vocab = logits.shape[-1]
     _checks.token_ids("tokens", tokens, vocab)
     tokens1d = tokens.reshape(-1)
@@ -193,18 +191,21 @@ def linear_token_logprobs(
     _checks.tensor("tokens", tokens, dtypes=_checks.INDEX_DTYPES)
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) (hidden size last), got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have at least one row (one per vocabulary entry), got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
     _checks.shape("tokens", tokens, hidden.shape[:-1], "hidden.shape[:-1]")
     _checks.same_device(hidden=hidden, weight=weight, tokens=tokens)
-    temperature = _check_temperature(temperature)
+    temperature = _checks.number("temperature", temperature, low=0, low_open=True)
+    return_entropy = _checks.boolean("return_entropy", return_entropy)
     vocab = weight.shape[0]
     _checks.token_ids("tokens", tokens, vocab)
     hidden2d, tokens1d = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(hidden2d.shape[0], vocab)
-    elif not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    else:
+        chunk_rows = _checks.integer("chunk_rows", chunk_rows)
     name = _backend.resolve("linear_token_logprobs", hidden.device, backend)
     logp, entropy = LinearTokenLogprobsFunction.apply(
         hidden2d, weight, tokens1d, 1.0 / temperature, return_entropy, chunk_rows, name
