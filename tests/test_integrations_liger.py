@@ -22,6 +22,10 @@ CASES = {  # constructor arguments, and what the call passes beyond the hidden s
     "luspo-sequence": (dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.0, use_ref_model=False),
                        dict(old=True)),
     "grpo-no-ref-model": (dict(loss_type="grpo", use_ref_model=False), dict(old=True)),
+    "bnpo-ratio-weighted-kl": (dict(loss_type="bnpo", use_bias_correction_kl=True), dict(old=True, ref="logps")),
+    "grpo-sequence-ratio-weighted-kl-on-policy": (
+        dict(loss_type="grpo", importance_sampling_level="sequence", use_bias_correction_kl=True),
+        dict(old=False, ref="logps")),
 }
 
 
@@ -89,7 +93,7 @@ def test_equals_liger(case):
 
 def test_unsupported_settings_are_refused():
     for options, word in ((dict(loss_type="cispo"), "loss_type"), (dict(loss_type="sapo"), "loss_type"),
-                          (dict(use_bias_correction_kl=True), "use_bias_correction_kl"),
+                          (dict(importance_sampling_level="sentence"), "importance_sampling_level"),
                           (dict(delta=1.1, epsilon_high=0.28), "delta"), (dict(loss_type="dr_grpo"),
                                                                           "max_completion_length"),
                           (dict(temperature=0), "temperature")):

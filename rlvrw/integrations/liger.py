@@ -12,7 +12,8 @@ ratio is 1); the reference log-probs are given, or computed here from ``ref_inpu
 ``ref_bias``; ``vllm_is_ratio`` is TRL's vLLM importance-sampling ratio.
 
 Supported: the loss types grpo, bnpo, dr_grpo, dapo and luspo at token or sequence level, ``delta`` above
-``1 + epsilon_high``. Not supported (a ValueError at construction): cispo, sapo, vespo, ``use_bias_correction_kl``.
+``1 + epsilon_high``, ``use_bias_correction_kl`` (the KL term weighted by the ratio, added in plain torch). Not
+supported (a ValueError at construction): cispo, sapo, vespo.
 Where this differs from Liger 0.8.5 it follows TRL: ``luspo`` sums over the valid tokens only (Liger also adds the
 masked positions' terms when the loss varies along a sequence), and with ``importance_sampling_level="sequence"``
 ``vllm_is_ratio`` must hold one ratio per sequence.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 
 import rlvrw.ops as ops
-from rlvrw.integrations._trl_options import trl_loss_options
+from rlvrw.integrations._trl_options import ratio_weighted_kl, trl_loss_options
 
 
 def _world_size() -> int:
@@ -67,15 +68,13 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         vespo_lambda_neg: float = 2.0,
     ):
         super().__init__()
-        if use_bias_correction_kl:
-            raise ValueError("use_bias_correction_kl=True is not supported (the KL term is not importance-weighted "
-                             "in rlvrw.ops.grpo_loss)")
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
         self.options = trl_loss_options(loss_type, epsilon_low, epsilon_high, beta, delta, importance_sampling_level,
                                         max_completion_length)
         self.beta = beta
         self.use_ref_model = use_ref_model
+        self.use_bias_correction_kl = bool(use_bias_correction_kl)
         self.loss_type = loss_type
         self.epsilon_low, self.epsilon_high = epsilon_low, epsilon_high
         self.importance_sampling_level = importance_sampling_level
@@ -144,13 +143,18 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                 raise ValueError("with importance_sampling_level='sequence', vllm_is_ratio must be one ratio per "
                                  f"sequence, (B,) or (B, 1), got shape {tuple(vllm_is_ratio.shape)}")
         options = dict(self.options, **self._normalizer(valid, num_items_in_batch))
-        if ref_logp is None:
-            options["kl_coef"] = 0.0  # Liger compares with the policy itself: a KL of 0 and no gradient
-        loss, _ = ops.grpo_loss(logp, old_logp, advantages, attention_mask, ref_logp, rollout_is_weights=weights,
-                                **options)
-        return loss, self._metrics(logp.detach(), old_logp, ref_logp, advantages, valid)
+        weighted_kl = ref_logp is not None and self.use_bias_correction_kl and self.beta != 0
+        if ref_logp is None or weighted_kl:
+            options["kl_coef"] = 0.0  # no reference: Liger compares with the policy itself, a KL of 0, no gradient
+        loss, _ = ops.grpo_loss(logp, old_logp, advantages, attention_mask, None if weighted_kl else ref_logp,
+                                rollout_is_weights=weights, **options)
+        kl = None
+        if weighted_kl:
+            kl_loss, kl = ratio_weighted_kl(logp, old_logp, ref_logp, valid, options)
+            loss = loss + self.beta * kl_loss
+        return loss, self._metrics(logp.detach(), old_logp, ref_logp, kl, advantages, valid)
 
-    def _metrics(self, logp, old_logp, ref_logp, advantages, valid) -> tuple[torch.Tensor, ...]:
+    def _metrics(self, logp, old_logp, ref_logp, kl, advantages, valid) -> tuple[torch.Tensor, ...]:
         n = valid.sum().clamp(min=1)
         log_ratio = torch.where(valid, logp - old_logp, 0)
         if self.importance_sampling_level == "sequence":
@@ -161,9 +165,11 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         metrics = [(clipped & valid).sum() / n]
         if self.beta != 0:
             if ref_logp is None:
-                kl = torch.zeros((), dtype=logp.dtype, device=logp.device)
+                kl_mean = torch.zeros((), dtype=logp.dtype, device=logp.device)
             else:
-                delta = torch.where(valid, ref_logp - logp, 0)
-                kl = (delta.exp() - delta - 1).sum() / n
-            metrics.insert(0, kl)
+                if kl is None:
+                    diff = torch.where(valid, ref_logp - logp, 0)
+                    kl = diff.exp() - diff - 1
+                kl_mean = torch.where(valid, kl, 0).sum() / n
+            metrics.insert(0, kl_mean)
         return tuple(m.to(torch.float32) for m in metrics)
