@@ -17,4 +17,4 @@ nothing else of rlvrw, and nothing of rlvrw imports them.
 
 def missing_framework(module: str, framework: str, extra: str, error: ImportError) -> ImportError:
     """The ImportError a module raises when its framework does not import: which one, and how to install it."""
-    return ImportError(f"{module} needs {framework}, which did not import ({error}): pip install 'rlvrw[{extra}]'")
+    return ImportError(f"{module} needs {framework}, which did not import ({error}): pip install rlvrw[{extra}]")
