@@ -106,3 +106,15 @@ def test_unsupported_settings_are_refused():
                 vllm_is_ratio=torch.ones(B, T, dtype=torch.float64))
     with pytest.raises(ValueError, match="ref_per_token_logps"):
         LigerFusedLinearGRPOLoss()(x["hidden"], x["weight"], x["tokens"], x["mask"], x["advantages"])
+
+
+def test_under_autocast_the_head_keeps_the_weights_dtype():
+    """Called under bf16 autocast (as from a trainer's mixed-precision forward) with float32 weights: the same loss
+    and gradients as without autocast."""
+    options, call = CASES["dr_grpo-bias-delta"]
+    x = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs(call).items()}
+    expected = run(LigerFusedLinearGRPOLoss, options, x, garbage=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(LigerFusedLinearGRPOLoss, options, x, garbage=True)
+    for a, b in zip([got[0], *got[1], *got[2:]], [expected[0], *expected[1], *expected[2:]]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -159,3 +159,31 @@ def test_models_it_cannot_serve_are_refused(model_dir, tmp_path):
         rlvrw_trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
                               args=args, train_dataset=Dataset.from_dict({"prompt": ["a"] * 4}),
                               processing_class=tiny_model.train_tokenizer(["a b"], vocab_size=300))
+
+
+def test_the_loss_runs_inside_the_ddp_wrapper(model_dir, tmp_path):
+    """Under DistributedDataParallel (one CPU process, gloo) the loss runs as the wrapper's forward, so DDP reduces
+    the gradients; they equal those without the wrapper, and the model's forward is restored afterwards."""
+    dist = torch.distributed
+    trainer = make_trainer(model_dir, tmp_path, loss_type="dapo", beta=0.04)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    inputs = make_inputs(trainer)
+    expected = loss_and_grads(trainer, rlvrw_trl.GRPOTrainer.compute_loss, inputs)
+    model = trainer.model
+    forward = model.__dict__.get("forward")  # TRL's fused-head forward, an attribute of the instance
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapper = torch.nn.parallel.DistributedDataParallel(model)
+        calls = []
+        wrapper.register_forward_pre_hook(lambda module, args: calls.append(len(args)))
+        model.zero_grad(set_to_none=True)
+        loss = rlvrw_trl.GRPOTrainer.compute_loss(trainer, wrapper, inputs)
+        loss.backward()
+    finally:
+        dist.destroy_process_group()
+    assert calls == [2]  # (the unwrapped model, the inputs) went through DDP's forward
+    assert model.__dict__.get("forward") is forward
+    torch.testing.assert_close(loss.detach(), expected[0], **TOL)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[1][name], **TOL, msg=name)

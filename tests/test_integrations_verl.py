@@ -180,3 +180,17 @@ def test_use_fused_kernels_plugs_into_verl_model_forward(monkeypatch):
                                                        torch.roll(input_ids, -1, dims=-1), 0.8)
     torch.testing.assert_close(out.log_probs.detach(), expected_logp, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(out.entropy.detach(), expected_entropy, rtol=1e-9, atol=1e-11)
+
+
+def test_linear_cross_entropy_under_autocast():
+    """VERL runs its model forward under bf16 autocast: the head then computes in its inputs' dtype (as VERL's
+    kernel does), forward and backward alike, and equals the float32 logits path."""
+    hidden, weight = torch.randn(2, 5, 16), torch.randn(97, 16) / 3
+    labels = torch.randint(0, 97, (2, 5))
+    upstream = (torch.randn(2, 5), torch.randn(2, 5))
+    expected = grads_of(verl_logits_path, hidden, weight, labels, 0.9, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = grads_of(rlvrw_verl.linear_cross_entropy, hidden, weight, labels, 0.9, upstream)
+    for name, a, b in zip(("log_probs", "entropy", "d hidden", "d weight"), got, expected):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 import rlvrw.ops as ops
+from rlvrw.integrations import head_logprobs
 from rlvrw.integrations._trl_options import ratio_weighted_kl, trl_loss_options
 
 
@@ -82,8 +83,8 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         self.compiled, self.chunk_size = compiled, chunk_size
 
     def _logprobs(self, hidden, weight, bias, tokens):
-        hidden, weight = _with_bias(hidden, weight, bias)
-        return ops.linear_token_logprobs(hidden, weight, tokens, self.temperature)
+        hidden, weight = _with_bias(hidden.to(weight.dtype), weight, bias)
+        return head_logprobs(hidden, weight, tokens, self.temperature)
 
     def _normalizer(self, valid: torch.Tensor, num_items_in_batch) -> dict:
         """The per-batch counts: dapo divides by ``max(num_items_in_batch / world_size, 1)`` (else the valid tokens of

@@ -7,17 +7,20 @@ Swap the import and nothing else changes::
 The loss of each micro-batch runs the model's backbone, then ``rlvrw.ops.linear_token_logprobs`` (log-probs and
 entropies from the last hidden states and ``lm_head.weight``, never the (B, T, V) logits) and ``rlvrw.ops.grpo_loss``
 with the options of TRL's ``loss_type`` and its per-process normalizers (gradient accumulation, steps per
-generation, processes: the table in ``rlvrw.ops.grpo``). Values and gradients equal TRL's ``compute_loss``; the
-logged metrics are TRL's (kl, entropy, clip_ratio/*). Generation, rewards, advantages, old and reference log-probs
-stay TRL's. The loss runs inside the model wrapper's forward (DDP, FSDP, DeepSpeed see an ordinary forward).
+generation, processes: the table in ``rlvrw.ops.grpo``). Values, gradients and the logged metrics (kl, entropy,
+clip_ratio/*) equal those of TRL's ``compute_loss`` given the same log-probs; the head itself computes in the
+weight's dtype outside autocast (TRL's accumulates in float32). Generation, rewards, advantages, old and reference
+log-probs stay TRL's. The loss runs inside the model wrapper's forward (DDP, FSDP, DeepSpeed see an ordinary
+forward).
 
 Supported: ``loss_type`` grpo, bnpo, dr_grpo, dapo, luspo; ``beta``, ``epsilon``/``epsilon_high``, ``delta`` (>
 ``1 + epsilon_high``), ``importance_sampling_level``, the vLLM importance-sampling correction,
 ``use_bias_correction_kl`` (TRL's default: the KL term weighted by the ratio, added in plain torch), a static
-``entropy_coef``, ``tool_mask``. Anything else is refused at construction with a ValueError that names it: the loss
-types cispo, sapo, vespo, ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, ``use_adaptive_entropy``, per-token vLLM ratios with sequence-level importance sampling (TRL differentiates those
-another way), MoE auxiliary losses, DeepSpeed ZeRO-3, and models whose output layer has a bias, a logit scale or
-soft-capping, or that take images.
+``entropy_coef``, ``tool_mask``. Anything else is refused with a ValueError that names it, at construction: the loss
+types cispo, sapo, vespo, ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, ``use_adaptive_entropy``,
+per-token vLLM ratios with sequence-level importance sampling (TRL differentiates those another way), MoE auxiliary
+losses, DeepSpeed ZeRO-3, models whose output layer has a bias, a logit scale or soft-capping; at the first batch:
+image inputs.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import torch
 
 import rlvrw.ops as ops
-from rlvrw.integrations import missing_framework
+from rlvrw.integrations import head_logprobs, missing_framework
 from rlvrw.integrations._trl_options import ratio_weighted_kl, trl_loss_options
 
 try:
@@ -153,10 +156,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         mask = self._loss_mask(inputs)
         valid = mask != 0
         tokens = torch.where(valid, completion_ids, torch.zeros_like(completion_ids))
-        # the head in its weights' dtype, outside autocast: the backward recomputes the logits from the same inputs
-        with torch.autocast(hidden.device.type, enabled=False):
-            logp, entropy = ops.linear_token_logprobs(hidden.to(weight.device, weight.dtype), weight, tokens,
-                                                      self.temperature, return_entropy=True)
+        logp, entropy = head_logprobs(hidden, weight, tokens, self.temperature, return_entropy=True)
         old = inputs.get("old_per_token_logps")
         old = logp.detach() if old is None else old
         weights = None

@@ -29,7 +29,7 @@ import math
 import torch
 
 import rlvrw.ops as ops
-from rlvrw.integrations import missing_framework
+from rlvrw.integrations import head_logprobs, missing_framework
 
 try:
     from verl.trainer.ppo import core_algos
@@ -148,7 +148,8 @@ def linear_cross_entropy(
     ``hidden`` and ``weight``.
 
     hidden (N, H) or (B, T, H), weight (V, H), labels (N,) or (B, T) token ids. Outputs have the labels' shape
-    (VERL's kernel returns them flattened; its callers accept either), float32 (float64 for float64 hidden).
+    (VERL's kernel returns them flattened; its callers accept either), float32 (float64 for float64 weights),
+    computed outside autocast in the weight's dtype, as VERL's kernel computes in its inputs' dtype.
     ``reduction`` must be "none", as VERL's actor calls it; a vocabulary split over a process group
     (``dist_process_group`` of more than one rank, Megatron's tensor parallelism) is not supported.
     """
@@ -157,8 +158,7 @@ def linear_cross_entropy(
     if dist_process_group is not None and torch.distributed.get_world_size(dist_process_group) > 1:
         raise NotImplementedError("linear_cross_entropy: a vocabulary split over a process group (tensor "
                                   "parallelism) is not supported; pass the full lm_head weight")
-    logp, entropy = ops.linear_token_logprobs(hidden, weight, labels, float(temperature), return_entropy=True)
-    return logp, entropy
+    return head_logprobs(hidden, weight, labels, temperature, return_entropy=True)
 
 
 def use_fused_kernels() -> None:
