@@ -70,3 +70,69 @@ def test_language_demo_runs_from_a_clone(clone):
     assert "64 records" in run.stdout
     # the web sample scored against its own gold answers: every item parses and matches
     assert re.search(r"^f1\s+1\.0000$", run.stdout, re.M) and re.search(r"^unparseable: 0$", run.stdout, re.M)
+
+
+INTEGRATIONS = "Use it from VERL / TRL / OpenRLHF"
+
+VERL_CONFIG_CHECK = """
+import os, sys
+import torch
+import verl
+from hydra import compose, initialize_config_dir
+from verl.trainer.ppo.core_algos import get_policy_loss_fn
+from verl.utils.config import omega_conf_to_dataclass
+from verl.utils.import_utils import import_external_libs
+
+overrides = sys.argv[1:] + ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"]  # the rest of a real run
+with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
+                           version_base=None):
+    config = compose(config_name="ppo_trainer", overrides=overrides)
+import_external_libs(config.actor_rollout_ref.model.external_lib)  # what each VERL worker does
+actor = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+loss_fn = get_policy_loss_fn(actor.policy_loss.loss_mode)
+assert loss_fn.__module__.startswith("rlvrw.integrations.verl"), loss_fn
+assert sys.modules["rlvrw"].__file__.startswith(os.getcwd()), "not the clone's rlvrw"
+g = torch.Generator().manual_seed(0)
+old, logp = -torch.rand(3, 5, generator=g, dtype=torch.float64), -torch.rand(3, 5, generator=g, dtype=torch.float64)
+mask = torch.ones(3, 5, dtype=torch.bool)
+mask[1] = False
+adv = torch.randn(3, 1, generator=g, dtype=torch.float64) * mask
+args = dict(old_log_prob=old, advantages=adv, response_mask=mask, loss_agg_mode=actor.loss_agg_mode, config=actor)
+loss, metrics = loss_fn(log_prob=logp, **args)
+expected, expected_metrics = get_policy_loss_fn("vanilla")(log_prob=logp, **args)
+torch.testing.assert_close(loss, expected, rtol=1e-7, atol=1e-10)
+assert metrics.keys() == expected_metrics.keys()
+print("verl config ok:", actor.policy_loss.loss_mode)
+"""
+
+
+def section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else len(text)]
+
+
+def test_integration_snippets_are_there():
+    """One snippet per framework: a class swap for TRL, OpenRLHF and Liger (their python blocks run with the API
+    tour's, above), two settings for VERL (run below)."""
+    text = section(INTEGRATIONS)
+    python = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    for module in ("trl", "openrlhf", "liger"):
+        assert sum(f"from rlvrw.integrations.{module} import" in block for block in python) == 1, module
+    assert all(block in blocks("python") for block in python)
+    (verl,) = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    assert "external_lib=rlvrw.integrations.verl" in verl and "loss_mode=rlvrw_grpo" in verl
+
+
+def test_verl_settings_select_the_loss(clone):
+    """The README's VERL settings, composed into VERL's own trainer config as Hydra does for main_ppo, make VERL's
+    workers pick rlvrw's loss from the clone."""
+    pytest.importorskip("verl")
+    pytest.importorskip("hydra")
+    (verl,) = re.findall(r"```bash\n(.*?)```", section(INTEGRATIONS), flags=re.S)
+    overrides = re.findall(r"(?<!\S)([\w.]+=\S+)", verl)
+    assert len(overrides) == 2, overrides
+    (clone / "readme_verl_config.py").write_text(VERL_CONFIG_CHECK)
+    run = run_in(clone, [sys.executable, "readme_verl_config.py", *overrides], timeout=600)
+    assert run.returncode == 0 and "verl config ok: rlvrw_grpo" in run.stdout, run.stdout + run.stderr[-3000:]
