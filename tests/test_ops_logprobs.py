@@ -367,3 +367,26 @@ def test_reference_token_logprobs_gradcheck():
     tokens = torch.tensor([0, 5, 10])
     assert torch.autograd.gradcheck(lambda x: reference.token_logprobs(x, tokens, 0.8, True), (logits,))
     assert torch.autograd.gradcheck(lambda x: reference.token_logprobs(x, tokens, 0.8), (logits,))
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+def test_linear_token_logprobs_under_autocast_is_the_bf16_linear(chunk_rows):
+    """Under bf16 autocast an fp32 head behaves as an nn.Linear would: the matmuls in bf16, gradients back in fp32,
+    forward and backward on the same logits (one chunk kept, or several recomputed)."""
+    torch.manual_seed(3)
+    hidden = torch.randn(12, 16, requires_grad=True)
+    weight = torch.randn(37, 16, requires_grad=True)
+    tokens = torch.randint(0, 37, (12,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, entropy = ops.linear_token_logprobs(hidden, weight, tokens, temperature=0.7, chunk_rows=chunk_rows,
+                                                  return_entropy=True)
+    (logp.sum() + entropy.sum()).backward()
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    logits = (h.bfloat16() @ w.bfloat16().t()).double()
+    ref_logp, ref_entropy = reference.token_logprobs(logits, tokens, 0.7, True)
+    (ref_logp.sum() + ref_entropy.sum()).backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, h.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(weight.grad, w.grad, rtol=2e-2, atol=2e-2)

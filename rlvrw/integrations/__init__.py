@@ -27,8 +27,8 @@ def missing_framework(module: str, framework: str, extra: str, error: ImportErro
 def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float,
                   return_entropy: bool = False):
     """``ops.linear_token_logprobs`` for an output layer called from inside a framework's forward: outside autocast,
-    in the weight's dtype (hidden states are cast to it), so that the backward recomputes exactly the logits the
-    forward saw, as the frameworks' own fused heads do."""
+    in the weight's dtype (hidden states are cast to it), as the frameworks' own fused heads compute (under autocast
+    the op itself would run the head in autocast's dtype, as an nn.Linear does)."""
     with torch.autocast(hidden.device.type, enabled=False):
         return ops.linear_token_logprobs(hidden.to(weight.device, weight.dtype), weight, tokens, float(temperature),
                                          return_entropy=return_entropy)

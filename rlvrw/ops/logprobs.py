@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -114,15 +115,31 @@ def default_chunk_rows(n_rows: int, vocab: int) -> int:
     return max(1, min(n_rows, max(256, (1 << 28) // max(vocab, 1))))
 
 
+def _autocast_off(method):
+    """Run an autograd Function's forward or backward (its first tensor argument after ctx or grads decides the
+    device) with autocast disabled."""
+
+    @functools.wraps(method)
+    def wrapped(ctx, *args):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device.type, enabled=False):
+            return method(ctx, *args)
+
+    return wrapped
+
+
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     """hidden (N, H), weight (V, H) -> logp (N,), entropy; logits exist one chunk of rows at a time.
 
     Backward recomputes each chunk's logits (one extra matmul: 8*N*H*V flops in all) instead of keeping them, except
     when everything fits in one chunk: then that chunk's logits are kept, which costs no more memory than the forward
-    already used. d(weight) accumulates in the weight's dtype, chunk by chunk, as addmm does.
+    already used. d(weight) accumulates in the weight's dtype, chunk by chunk, as addmm does. Both passes run with
+    autocast off, in the inputs' dtype (``linear_token_logprobs`` casts them to autocast's dtype first), so forward
+    and backward see the same logits.
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, hidden, weight, tokens, inv_temperature, with_entropy, chunk_rows, backend):
         passes = logits_passes(backend)
         n = hidden.shape[0]
@@ -147,6 +164,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, tokens, lse, entropy = ctx.saved_tensors
         if grad_logp is None:
@@ -188,6 +206,10 @@ def linear_token_logprobs(
     """
     _checks.tensor("hidden", hidden, dims=(2, 3))
     _checks.tensor("weight", weight, dims=(2,))
+    if torch.is_autocast_enabled(hidden.device.type):
+        # as an output Linear under autocast: the matmuls in autocast's dtype (the casts are differentiable)
+        low = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(low), weight.to(low)
     _checks.tensor("tokens", tokens, dtypes=_checks.INDEX_DTYPES)
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) (hidden size last), got {tuple(weight.shape)}")
