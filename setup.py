@@ -45,9 +45,11 @@ EXTRAS_REQUIRE = {
     "lang": LANG_REQUIRES,
     "sim": SIM_REQUIRES,
     "train": ["tensorboard"],
+    "plot": ["matplotlib"],  # rlvrw experiment's figures
     "vllm": ["vllm"],
     "test": [
         "pytest", "pytest-benchmark", "scipy", "scikit-image", "pillow", "vector-quantize-pytorch", "tensorboard",
+        "matplotlib",
     ] + LANG_REQUIRES + SIM_REQUIRES,
     "bench": ["pytest-benchmark", "liger-kernel", "vector-quantize-pytorch"],
 }

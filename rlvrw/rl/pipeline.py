@@ -361,11 +361,12 @@ def pretrain_stage(config: PipelineConfig, episodes: Path, tokenizer: Path, run_
     return out_dir
 
 
-def rl_stage(config: PipelineConfig, tokenizer: Path, pretrain_dir: Path, run_dir: Path) -> Path:
+def rl_stage(config: PipelineConfig, tokenizer: Path, pretrain_dir: Path, run_dir: Path, name: str = "rl") -> Path:
+    """RLVR from the MLE model into ``DIR/<name>`` (resumes from its checkpoints)."""
     from rlvrw.rl.pretrain import CACHE_FILE
     from rlvrw.rl.trainer import RLConfig, rl
 
-    out_dir = run_dir / "rl"
+    out_dir = run_dir / name
     rl(RLConfig(
         data=str(pretrain_dir / CACHE_FILE), tokenizer=str(tokenizer), out_dir=str(out_dir),
         init_from=str(pretrain_dir / "model"), token_grid=None if config.multi_step else config.token_grid,
