@@ -62,6 +62,20 @@ def test_report_rewrites_and_checks_a_readme(tmp_path):
         E.replace_block("no markers", "block")
 
 
+def test_multistep_table_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = {name: {"lpips": [0.01 * i, 0.02 * i, 0.03 * i], "repetition_rate": 0.1 * i}
+            for i, name in enumerate(E.MULTISTEP_ROWS, 1)}
+    result = {"part": "multistep", "seeds": [0, 1], "clips": None, "per_seed": {"0": rows, "1": rows}, "mean": rows}
+    (tmp_path / "multistep.json").write_text(json.dumps(result))
+    E.plot("multistep", result, tmp_path / "multistep.png")
+    assert (tmp_path / "multistep.png").stat().st_size > 1000
+    block = E.report(tmp_path)
+    assert "| t = 1 | t = 2 | t = 3 | mean | repetition |" in block
+    assert "| mle_no_repeat | 0.04 | 0.08 | 0.12 | 0.08 | 40.0% |" in block
+    assert E.mean_over_seeds({"0": {"a": [1.0, 2.0]}, "1": {"a": [3.0, 4.0]}}) == {"a": [2.0, 3.0]}
+
+
 def test_readme_results_block_is_the_reports_output():
     """The README's result tables are what `rlvrw experiment report` makes from the committed JSON results."""
     readme = (ROOT / "README.md").read_text()

@@ -13,6 +13,10 @@ from that seed's MLE model:
 - ``group_size`` (Fig. 4b): RLVR with -(L1 + LPIPS) at G = 4, 8, 16 samples per prompt (the prompts per step fixed).
 - ``best_of_n`` (Fig. 4a): the MLE and the RLVR model, 16 samples per held-out clip, the best of the first N for
   N = 1, 2, 4, 8, 16.
+- ``multistep`` (Table 3, not in the default parts: about 30 CPU minutes per seed before RL): ``rlvrw train
+  preset=multistep`` into ``WORK/multistep_seed<s>``: LPIPS at every prediction horizon and the repetition rate of
+  the MLE and the RLVR model, sampled and greedy, and the repetition-rejection baseline (per clip, the first of the
+  samples that repeats no frame).
 
 Every RL run uses the pipeline's settings (``key=value`` overrides them for every run, as for ``rlvrw train``) and
 every evaluation is the pipeline's: the held-out clips, ``eval_group_size`` samples per clip (the tables use their
@@ -35,6 +39,9 @@ from pathlib import Path
 from rlvrw import files
 
 PARTS = ("metrics", "group_size", "best_of_n")
+ALL_PARTS = (*PARTS, "multistep")
+MULTISTEP_ROWS = ("copy_last", "tokenizer", "mle", "mle_no_repeat", "mle_greedy", "rlvr", "rlvr_no_repeat",
+                  "rlvr_greedy")
 REWARDS = ("mae", "mse", "psnr", "ssim", "lpips", "l1+lpips")
 GROUP_SIZES = (4, 8, 16)
 BEST_OF = 16
@@ -109,11 +116,26 @@ def run_best_of_n(config, run_dir: Path) -> dict:
     return curves
 
 
-def mean_over_seeds(per_seed: dict) -> dict:
-    """The element-wise mean of nested dicts of numbers, one per seed."""
+def run_multistep(config, work_dir: Path, seed: int) -> dict:
+    """Table 3's rows of ``preset=multistep`` for one seed: {row: {"lpips": per-horizon list, "repetition_rate"}}."""
+    from rlvrw.rl.pipeline import PRESETS, run
+
+    multistep = dataclasses.replace(config, **{**PRESETS["multistep"], "preset": "multistep", "seed": seed})
+    summary = run(multistep, work_dir / f"multistep_seed{seed}")
+    rates = {"copy_last": summary["baselines"]["copy_last"], "tokenizer": summary["baselines"]["tokenizer"],
+             "mle": summary["mle"], "rlvr": summary["rlvr"], **{f"{m}_greedy": r for m, r in summary["greedy"].items()},
+             **{f"{m}_no_repeat": r for m, r in summary["no_repeat"].items()}}
+    return {name: {"lpips": summary["per_step"][name]["lpips"], "repetition_rate": rates[name]["repetition_rate"]}
+            for name in MULTISTEP_ROWS if name in summary["per_step"]}
+
+
+def mean_over_seeds(per_seed: dict):
+    """The element-wise mean of nested dicts (and lists) of numbers, one per seed."""
     first = next(iter(per_seed.values()))
     if isinstance(first, dict):
         return {key: mean_over_seeds({s: v[key] for s, v in per_seed.items()}) for key in first}
+    if isinstance(first, list):
+        return [mean_over_seeds({s: v[i] for s, v in per_seed.items()}) for i in range(len(first))]
     return sum(per_seed.values()) / len(per_seed)
 
 
@@ -130,8 +152,12 @@ def run(config, work_dir: Path, out_dir: Path, seeds, parts=PARTS) -> dict:
     """Every part for every seed (see the module doc); writes OUT/<part>.json and .png and OUT/default.json."""
     work_dir, out_dir = Path(work_dir), Path(out_dir)
     collected = {part: {} for part in ("default", *parts)}
-    settings = {}
+    settings, clips = {}, {}
     for seed in seeds:
+        if "multistep" in parts:
+            collected["multistep"][str(seed)] = run_multistep(config, work_dir, seed)
+        if parts == ("multistep",):
+            continue
         run_dir, summary = seed_pipeline(config, work_dir, seed)
         settings = {k: v for k, v in summary["config"].items() if k != "seed"}
         collected["default"][str(seed)] = default_rows(summary)
@@ -141,10 +167,19 @@ def run(config, work_dir: Path, out_dir: Path, seeds, parts=PARTS) -> dict:
             collected["group_size"][str(seed)] = run_group_sizes(config, run_dir, summary)
         if "best_of_n" in parts:
             collected["best_of_n"][str(seed)] = run_best_of_n(config, run_dir)
-        clips = summary["clips"]
+        clips.update(dict.fromkeys(("default", *PARTS), summary["clips"]))
     written = {}
     for part, per_seed in collected.items():
-        result = {"part": part, "seeds": [int(s) for s in per_seed], "clips": clips, "per_seed": per_seed,
+        if not per_seed:
+            continue
+        previous = out_dir / f"{part}.json"
+        if previous.is_file():  # seeds run earlier with the same settings stay (a run can add one seed at a time)
+            old = json.loads(previous.read_text())
+            if old.get("settings") == json.loads(json.dumps(settings)):
+                per_seed = {**old["per_seed"], **per_seed}
+                clips.setdefault(part, old.get("clips"))
+        per_seed = dict(sorted(per_seed.items(), key=lambda item: int(item[0])))
+        result = {"part": part, "seeds": [int(s) for s in per_seed], "clips": clips.get(part), "per_seed": per_seed,
                   "mean": mean_over_seeds(per_seed), "settings": settings}
         files.write_json(out_dir / f"{part}.json", result)
         written[part] = result
@@ -232,6 +267,20 @@ def plot(part: str, result: dict, path: Path) -> None:
         ax.set_xlabel("N (best of the first N samples)")
         ax.set_ylabel("LPIPS (lower is better)")
         ax.legend(fontsize=8)
+    elif part == "multistep":
+        fig, ax = plt.subplots(figsize=(5.6, 3.4))
+        styles = {"copy_last": ("0.5", ":"), "tokenizer": ("0.7", ":"), "mle": ("C0", "-"), "rlvr": ("C1", "-"),
+                  "mle_greedy": ("C0", "--"), "rlvr_greedy": ("C1", "--"), "mle_no_repeat": ("C2", "-."),
+                  "rlvr_no_repeat": ("C3", "-.")}
+        for name, (color, style) in styles.items():
+            if name in mean:
+                steps = range(1, len(mean[name]["lpips"]) + 1)
+                ax.plot(steps, mean[name]["lpips"], style, color=color, marker="o", ms=3,
+                        label=f"{name} (rep. {mean[name]['repetition_rate']:.1%})")
+        ax.set_xlabel("prediction horizon (frames)")
+        ax.set_ylabel("LPIPS (lower is better)")
+        ax.set_xticks(list(steps))
+        ax.legend(fontsize=6.5)
     if fig is not None:
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +305,7 @@ def report(results_dir: Path, image_prefix: str = "") -> str:
     """The markdown block of the README from ``results_dir``'s JSON files (parts that are missing are left out)."""
     results_dir = Path(results_dir)
     loaded = {p: json.loads((results_dir / f"{p}.json").read_text())
-              for p in ("default", *PARTS) if (results_dir / f"{p}.json").is_file()}
+              for p in ("default", *ALL_PARTS) if (results_dir / f"{p}.json").is_file()}
     lines = [BEGIN, "", "<!-- written by `rlvrw experiment report --readme README.md`; edit the runs, not this -->"]
     for part, result in loaded.items():
         seeds = ", ".join(str(s) for s in result["seeds"])
@@ -289,6 +338,15 @@ def report(results_dir: Path, image_prefix: str = "") -> str:
             rows = [[model.upper()] + [_number(result["mean"][model][n]["lpips"]) for n in sizes]
                     for model in ("mle", "rlvr")]
             lines += _table(["model"] + [f"N = {n}" for n in sizes], rows)
+        elif part == "multistep":
+            horizons = len(next(iter(result["mean"].values()))["lpips"])
+            lines += [f"Multi-step prediction (`preset=multistep`, Table 3), seeds {seeds} (mean): LPIPS at each "
+                      "predicted frame and the repetition rate (a predicted frame whose ids equal the previous "
+                      "frame's); no_repeat: per clip the first sample that repeats no frame.", ""]
+            rows = [[name] + [_number(v) for v in row["lpips"]] + [_number(sum(row["lpips"]) / horizons),
+                                                                   f"{row['repetition_rate']:.1%}"]
+                    for name, row in result["mean"].items()]
+            lines += _table(["row"] + [f"t = {t + 1}" for t in range(horizons)] + ["mean", "repetition"], rows)
         if (results_dir / f"{part}.png").is_file():
             lines += ["", f"![{part}]({image_prefix}{part}.png)"]
     return "\n".join(lines + ["", END])
@@ -312,9 +370,9 @@ def _run_cli(args: argparse.Namespace) -> int:
 
     try:
         config = resolve_config(overrides={"progress": False, **parse_overrides(args.overrides)})
-        unknown = sorted(set(args.parts) - set(PARTS))
+        unknown = sorted(set(args.parts) - set(ALL_PARTS))
         if unknown:
-            raise ValueError(f"--parts must be among {list(PARTS)}, got {unknown}")
+            raise ValueError(f"--parts must be among {list(ALL_PARTS)}, got {unknown}")
     except ValueError as err:
         print(f"rlvrw experiment run: error: {err}", file=sys.stderr)
         return 2
@@ -353,7 +411,8 @@ def add_cli(subparsers) -> None:
     run_parser.add_argument("--work-dir", default="runs/experiment", help="where the runs go (reused when there)")
     run_parser.add_argument("--out", default="docs/results", help="where the JSON results and plots go")
     run_parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
-    run_parser.add_argument("--parts", nargs="+", default=list(PARTS), help=f"any of {list(PARTS)}")
+    run_parser.add_argument("--parts", nargs="*", default=list(PARTS),
+                            help=f"any of {list(ALL_PARTS)} (default: {list(PARTS)}; none: the default runs alone)")
     run_parser.add_argument("overrides", nargs="*", metavar="key=value", help="rlvrw train settings for every run")
     run_parser.set_defaults(func=_run_cli)
     report_parser = sub.add_parser("report", help="the README's results block from the JSON results")

@@ -21,8 +21,9 @@ Stages, each a call into the module that owns it, each reusing what an earlier r
 
 Then ``DIR/eval.json`` (DESIGN.md's contract): ``{"mle": {"mse", "psnr", "ssim", "lpips", "repetition_rate", "l1"},
 "rlvr": {same}, "baselines": {"copy_last", "copy_last_tokens", "tokenizer"}, "best_of_n": {"mle", "rlvr"},
-"mean_of_n": {"mle", "rlvr"}, "greedy": {"mle", "rlvr"} (empty without eval_greedy), "next_frame", "stage_seconds",
-"config"}`` (rows as ``rlvrw.rl.evaluate`` defines them;
+"mean_of_n": {"mle", "rlvr"}, "greedy": {"mle", "rlvr"} (empty without eval_greedy), "no_repeat": {"mle",
+"rlvr"} (with eval_reject_repeats), "per_step" (multi-step: every row's per-horizon means), "next_frame",
+"stage_seconds", "config"}`` (rows as ``rlvrw.rl.evaluate`` defines them;
 multi-step rows are means over the predicted frames, and ``next_frame`` holds the baselines', MLE's and RLVR's
 metrics at the first predicted frame alone, empty single-step), printed as a table. An evaluation is reused when
 its ``eval.json`` was made with the same settings.
@@ -67,7 +68,7 @@ PRESETS = {
     # 8 for each future frame: with 4 x 4, no future frame reconstructs better than copying the last frame), 3 frames
     # predicted per clip; about 30 minutes on 2 CPU cores before RL
     "multistep": dict(tokenizer_kind="compressive", tokenizer_channels=[32, 64], tokenizer_patch_size=2,
-                      tokenizer_steps=1200, predicted_frames=3),
+                      tokenizer_steps=1200, predicted_frames=3, eval_reject_repeats=True),
 }
 LPIPS_CHOICES = ("vgg", "alex", "squeeze")
 TOKENIZER_KINDS = ("frame", "compressive")
@@ -133,6 +134,7 @@ class PipelineConfig:
     eval_lpips_net: str = "vgg"
     eval_strip_clips: int = 3
     eval_greedy: bool = True  # also evaluate both models greedy (the most likely token at every step)
+    eval_reject_repeats: bool = False  # also score the first sample per clip that repeats no frame (sampled evals)
     lpips_weights: str = ""  # "random": untrained LPIPS networks (tests only)
     seed: int = 0
     device: str = "auto"
@@ -389,6 +391,7 @@ def eval_stage(config: PipelineConfig, model_dir: Path, episodes: Path, tokenize
         context_frames=config.context_frames, predicted_frames=config.predicted_frames,
         clip_stride=config.eval_clip_stride, max_clips=config.eval_max_clips,
         group_size=1 if greedy else config.eval_group_size, top_k=1 if greedy else config.eval_top_k,
+        reject_repeats=config.eval_reject_repeats and not greedy,
         lpips_net=config.eval_lpips_net,
         lpips_weights=config.lpips_weights,
         strip_clips=config.eval_strip_clips, seed=config.seed, device=config.device)
@@ -427,6 +430,14 @@ def summarize(config: PipelineConfig, mle: dict, rlvr: dict, stage_seconds: dict
         "mean_of_n": {"mle": mle.get("mean_of_n"), "rlvr": rlvr.get("mean_of_n")},
         "greedy": {name: {metric: result["model"][metric] for metric in DESIGN_METRICS}
                    for name, result in greedy.items()},
+        "no_repeat": {name: result["model_no_repeat"] for name, result in (("mle", mle), ("rlvr", rlvr))
+                      if "model_no_repeat" in result},
+        "per_step": {name: result[row]["per_step"] for name, result, row in (
+            ("copy_last", mle, "copy_last"), ("tokenizer", mle, "tokenizer"), ("mle", mle, "model"),
+            ("rlvr", rlvr, "model"), ("mle_no_repeat", mle, "model_no_repeat"),
+            ("rlvr_no_repeat", rlvr, "model_no_repeat"),
+            *((f"{name}_greedy", result, "model") for name, result in greedy.items()))
+            if "per_step" in result.get(row, {})},
         "next_frame": next_frame,
         "clips": mle["clips"],
         "episodes": mle["episodes"],
@@ -471,6 +482,7 @@ def run(config: PipelineConfig, run_dir: str | Path) -> dict:
 def print_summary(summary: dict, run_dir: Path) -> None:
     rows = {**summary["baselines"], "mle": summary["mle"], "rlvr": summary["rlvr"]}
     rows.update({f"{model} greedy": row for model, row in summary.get("greedy", {}).items()})
+    rows.update({f"{model} no-repeat": row for model, row in summary.get("no_repeat", {}).items()})
     if summary["best_of_n"]["mle"]:
         group = summary["best_of_n"]["group_size"]
         for kind in ("best", "mean"):
