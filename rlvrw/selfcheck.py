@@ -48,6 +48,9 @@ def _case_inputs(device: str, dtype: torch.dtype) -> dict:
         "advantages": randn(B),
         "mask": mask,
         "rewards": randn(4 * 16),
+        # frames: 2 groups of 4 predictions and their 2 ground truths, 13 x 17 (not a multiple of any block)
+        "frames": torch.rand(8, 3, 13, 17, generator=g, dtype=torch.float64).to(device),
+        "truth": torch.rand(2, 3, 13, 17, generator=g, dtype=torch.float64).to(device),
     }
 
 
@@ -66,6 +69,11 @@ def _cases() -> dict[str, tuple[Callable, list[str]]]:
         "group_advantages": (
             lambda x, **kw: (ops.group_advantages(x["rewards"], 16, **kw) * torch.arange(64, device=x["rewards"].device)).sum(),
             ["rewards"],
+        ),
+        "frame_reward": (
+            lambda x, **kw: (ops.frame_reward(x["frames"], x["truth"], 4, "mse+0.5*ssim+0.01*psnr", **kw)
+                             * torch.arange(8, device=x["frames"].device)).sum(),
+            ["frames"],
         ),
         "grpo_loss": (
             lambda x, **kw: ops.grpo_loss(
