@@ -48,10 +48,11 @@ EXTRAS_REQUIRE = {
     "lang": LANG_REQUIRES,
     "sim": SIM_REQUIRES,
     "train": ["tensorboard>=2.14,<3"],
+    "plot": ["matplotlib>=3.7,<4"],  # rlvrw experiment's figures
     "vllm": ["vllm>=0.10,<1"],
     "test": [
         "pytest", "pytest-benchmark", "hypothesis", "scipy", "scikit-image", "pillow", "vector-quantize-pytorch",
-        "tensorboard",
+        "tensorboard", "matplotlib",
     ] + LANG_REQUIRES + SIM_REQUIRES + VERL_REQUIRES + TRL_REQUIRES,
     "bench": ["pytest-benchmark>=4,<6", "liger-kernel>=0.8.5,<0.9", "vector-quantize-pytorch>=1.30,<2"],
     # Integrations and accelerators, each optional with a tested fallback (tests/test_packaging_extras.py).

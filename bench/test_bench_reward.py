@@ -1,5 +1,6 @@
-"""The video reward -(L1 + LPIPS-VGG) of RLVR-World: 128 prompts x G=16 predictions at 256x320 on a GPU (2 x 16 at
-64x64 on CPU unless RLVRW_BENCH_FULL=1), forward only (rewards carry no gradient in GRPO).
+"""The video rewards, -(L1 + LPIPS-VGG) of RLVR-World and frame_reward's pixel metrics: 128 prompts x G=16
+predictions at 256x320 on a GPU (2 x 16 at 64x64 on CPU unless RLVRW_BENCH_FULL=1), forward only (rewards carry no
+gradient in GRPO). Groups ``frame_reward_<metric>`` time the pixel rewards (see ``test_frame_reward_pixels``).
 
 Group ``l1_lpips_reward``:
 
@@ -24,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import rlvrw.ops as ops
 from rlvrw.models import LPIPS
+from rlvrw.ops.reward import reward_weights
 from rlvrw.reference import reward as reference
 
 NET = "vgg"
@@ -147,4 +149,47 @@ def test_lpips_tail(bench, bench_env, impl):
     bench.run(
         op="lpips_tail", impl=impl, shape=f"{groups}x{G} {p['H']}x{p['W']} LPIPS-{NET} taps, bf16 channels_last",
         make_state=dict, step=step, bytes_moved=bytes_moved, extra={"passes": "fwd"},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pixel rewards (frame_reward's MAE, MSE, PSNR, SSIM)
+# ---------------------------------------------------------------------------------------------------------------------
+
+PIXEL_METRICS = ("mae", "ssim", "mae+mse+psnr+ssim")
+
+
+@pytest.mark.parametrize("metric", PIXEL_METRICS)
+@pytest.mark.parametrize("impl", ("rlvrw", "eager"))
+def test_frame_reward_pixels(bench, bench_env, impl, metric):
+    """Group ``frame_reward_<metric>``: ``ops.frame_reward`` (one Triton kernel for every per-frame pixel term, the
+    ground truth's SSIM moments once per group) against the plain way (``reference.frame_reward``: the ground truth
+    repeated for every sample, the SSIM map materialized). Bytes: the predictions and ground truths read once."""
+    env = bench_env
+    p = _problem(env)
+    G = p["G"]
+    weights = reward_weights(metric)
+    if impl == "eager":
+
+        def reward(s):
+            return reference.frame_reward(s["pred"], s["target"], G, weights)[0]
+
+    else:
+
+        def reward(s):
+            return ops.frame_reward(s["pred"], s["target"], G, metric)
+
+    with torch.no_grad():
+        exact = reference.frame_reward(p["pred"].double(), p["target"].double(), G, weights)[0]
+        err = (reward(p).double() - exact).abs().max().item()
+
+    def step(s):
+        with torch.no_grad():
+            reward(s)
+
+    bytes_moved = (p["pred"].numel() + p["target"].numel()) * p["pred"].element_size()
+    bench.run(
+        op=f"frame_reward_{metric}", impl=impl, shape=p["shape"].replace(f" LPIPS-{NET}", ""),
+        make_state=lambda: {"pred": p["pred"], "target": p["target"]}, step=step, bytes_moved=bytes_moved,
+        extra={"passes": "fwd", "max_abs_err": err},
     )

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "rl": "rlvrw.rl.trainer",
     "eval": "rlvrw.rl.evaluate",
     "train": "rlvrw.rl.pipeline",
+    "experiment": "rlvrw.rl.experiment",
     "tokenizer": "rlvrw.models.tokenizer_train",
     "lang": "rlvrw.lang.cli",
 }

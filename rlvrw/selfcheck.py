@@ -36,6 +36,7 @@ warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtim
 import rlvrw.ops as ops  # noqa: E402
 from rlvrw import reference  # noqa: E402
 from rlvrw.ops import _backend  # noqa: E402
+from rlvrw.reference.precision import full_fp32  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 FSQ_LEVELS = (7, 5, 5, 5, 5)  # the paper's 4375 codes
@@ -127,6 +128,9 @@ def _case_inputs(device: str) -> dict:
         "ids": torch.randint(0, size, (1, 4, 4), generator=g).to(device),  # an 8x8 frame from the small decoder
         "pred": (frames * 0.8 + 0.1).to(device),
         "target": torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64).to(device),
+        # frames: 2 groups of 4 predictions and their 2 ground truths, 13 x 17 (not a multiple of any block)
+        "frames": torch.rand(8, 3, 13, 17, generator=g, dtype=torch.float64).to(device),
+        "truth": torch.rand(2, 3, 13, 17, generator=g, dtype=torch.float64).to(device),
     }
 
 
@@ -156,6 +160,11 @@ def _cases(models: dict) -> dict[str, Case]:
         "group_advantages": Case(
             lambda x, dt, b: ops.group_advantages(x["rewards"], 16, backend=b), ["rewards"],
             backends=cuda_ops("group_advantages"),
+        ),
+        "frame_reward": Case(
+            lambda x, dt, b: (ops.frame_reward(x["frames"], x["truth"], 4, "mse+0.5*ssim+0.01*psnr", backend=b)
+                              * torch.arange(8, device=x["frames"].device)).sum(),
+            ["frames"], backends=cuda_ops("frame_reward"),
         ),
         "grpo_loss": Case(
             lambda x, dt, b: ops.grpo_loss(
@@ -258,32 +267,12 @@ def available_backends() -> list[tuple[str, str]]:
     return pairs
 
 
-@contextlib.contextmanager
-def _full_fp32():
-    """float32 matmuls and convolutions in full float32 (cuDNN runs float32 convolutions in TF32 by default, which
-    would put the float32 rows of the convolutional ops near 1e-3)."""
-    conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    if hasattr(getattr(conv, "conv", None), "fp32_precision"):  # torch >= 2.9
-        saved = conv.conv.fp32_precision, matmul.fp32_precision
-        conv.conv.fp32_precision = matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.conv.fp32_precision, matmul.fp32_precision = saved
-        return
-    saved = conv.allow_tf32, matmul.allow_tf32
-    conv.allow_tf32 = matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        conv.allow_tf32, matmul.allow_tf32 = saved
-
-
 def run(dtypes=(torch.float32, torch.bfloat16), repeats: int = 3, only: set[str] | None = None) -> list[dict]:
     """One row per (op, backend, dtype); ``only`` restricts the ops. A row's time is the mean of ``repeats`` timed
     calls after the checked one; interpreted Triton is timed by the checked call alone (its time says nothing about
     a GPU)."""
-    with _full_fp32():
+    # float32 rows in full float32: TF32 convolutions would put the convolutional ops near 1e-3
+    with full_fp32():
         return _run(dtypes, repeats, only)
 
 

@@ -87,6 +87,10 @@ def test_smoke_preset_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys
     assert result["config"]["preset"] == "smoke"
     assert result["baselines"]["copy_last"]["repetition_rate"] == 1.0
     assert result["baselines"]["copy_last_tokens"]["repetition_rate"] == 1.0
+    assert set(result["greedy"]) == {"mle", "rlvr"} and DESIGN_KEYS <= set(result["greedy"]["rlvr"])
+    greedy = json.loads((run_dir / "eval_mle_greedy" / "eval.json").read_text())
+    assert greedy["config"]["top_k"] == 1 and greedy["group_size"] == 1
+    assert result["greedy"]["mle"]["lpips"] == greedy["model"]["lpips"]
     assert (run_dir / "pretrain" / "model").is_dir() and (run_dir / "rl" / "model").is_dir()
     printed = capsys.readouterr().out
     assert "mle" in printed and "rlvr" in printed and "copy_last" in printed
@@ -94,7 +98,7 @@ def test_smoke_preset_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys
     # a second run reuses every stage's output
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "tokenizer: reusing" in printed and printed.count("eval: reusing") == 2
+    assert "tokenizer: reusing" in printed and printed.count("eval: reusing") == 4  # sampled and greedy
     assert json.loads((run_dir / "eval.json").read_text())["mle"] == result["mle"]
 
 
@@ -105,13 +109,22 @@ def test_compressive_smoke_run_is_multi_step_and_reports_the_next_frame(tmp_path
     monkeypatch.setenv("RLVRW_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
     assert main(["--run-dir", str(run_dir), "--quick", "lpips_weights=random", "progress=false",
-                 "tokenizer_kind=compressive", "tokenizer_patch_size=2", "predicted_frames=2"]) == 0
+                 "tokenizer_kind=compressive", "tokenizer_patch_size=2", "predicted_frames=2",
+                 "eval_reject_repeats=true", "copy_prior=true", "reward=mae+ssim"]) == 0
     result = json.loads((run_dir / "eval.json").read_text())
     mle = json.loads((run_dir / "eval_mle" / "eval.json").read_text())
     assert len(mle["model"]["per_step"]["lpips"]) == 2
     assert result["next_frame"]["mle"]["lpips"] == mle["model"]["per_step"]["lpips"][0]
     assert result["next_frame"]["copy_last"]["mse"] == mle["copy_last"]["per_step"]["mse"][0]
-    assert set(result["next_frame"]) == {"copy_last", "copy_last_tokens", "tokenizer", "mle", "rlvr"}
+    assert set(result["next_frame"]) == {"copy_last", "copy_last_tokens", "tokenizer", "mle", "rlvr", "mle_greedy",
+                                         "rlvr_greedy"}
+    assert set(result["no_repeat"]) == {"mle", "rlvr"} and "model_no_repeat" in mle
+    assert result["per_step"]["mle_no_repeat"] == mle["model_no_repeat"]["per_step"]
+    assert len(result["per_step"]["rlvr_greedy"]["lpips"]) == 2
+    model_config = json.loads((run_dir / "pretrain" / "model" / "config.json").read_text())
+    assert model_config["copy_prior_offset"] == 4 + 2  # a 2x2 future frame and its 2 action dims
+    rl_log = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert "reward_ssim" in rl_log[-1] and "reward_lpips" not in rl_log[-1]
     tokenizer = checkpoints.load_tokenizer(run_dir / "tokenizer.safetensors")
     assert isinstance(tokenizer, CompressiveTokenizer)
     assert (tokenizer.context_grid, tokenizer.future_grid) == ((4, 4), (2, 2))

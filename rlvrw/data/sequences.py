@@ -178,6 +178,12 @@ class SequenceLayout:
     def seq_len(self) -> int:
         return self.prompt_len + self.response_len
 
+    @property
+    def copy_offset(self) -> int:
+        """Positions from a predicted frame's token back to the same token of the frame before it: N + A, plus the
+        BOS single-step (the world model's copy prior, ``WorldModelConfig.copy_prior_offset``)."""
+        return self.chunk_tokens + (0 if self.multi else 1)
+
     # ---- building sequences ------------------------------------------------------------------------------------------
     def build(
         self,

@@ -1,15 +1,19 @@
-"""Per-frame metrics of predicted video: MSE, PSNR, SSIM, LPIPS, and best-of-N selection over a group of samples.
+"""Per-frame metrics of predicted video: MAE, MSE, PSNR, SSIM, LPIPS, and best-of-N selection over a group of samples.
 
 Frames are (N, C, H, W) in [0, 1] (C = 3 for LPIPS). Every metric returns (N,), one value per frame, computed in a
 batch on the frames' device, in float32 (float64 for float64 frames). Averages over frames are the caller's.
 The conventions are the RLVR-World paper's:
 
+* MAE and MSE over channels and pixels (MAE is the L1 term of RLVR-World's reward).
 * PSNR per image with value range 1: ``10 * log10(1 / MSE)`` (identical frames give inf).
 * SSIM (Wang et al. 2004) with an 11-tap Gaussian window of sigma 1.5, per channel over the pixels whose window lies
   inside the image, then averaged over channels; K1 = 0.01, K2 = 0.03, value range 1. This is scikit-image's
   ``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)``.
 * LPIPS v0.1 with the VGG backbone by default, on [0, 1] frames (``rlvrw.models.LPIPS(..., normalize=True)``).
 * The paper reports MSE, SSIM and LPIPS multiplied by 100: ``frame_metrics(..., x100=True)``.
+
+The math lives in ``rlvrw.reference.reward``, which ``rlvrw.ops.frame_reward`` (the same metrics as RL rewards) is
+checked against: a reward and an evaluation of the same frames agree per frame.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import torch.nn.functional as F
 
 from rlvrw.models.lpips import LPIPS
 from rlvrw.ops import _checks
+from rlvrw.reference import reward as reference
 from rlvrw.reference.logprobs import compute_dtype
+from rlvrw.reference.reward import SSIM_K1, SSIM_K2, gaussian_window  # noqa: F401 (this module's public names)
 
-SSIM_K1, SSIM_K2 = 0.01, 0.03
 X100_METRICS = ("mse", "ssim", "lpips")  # the metrics the paper reports x100
 
 _LPIPS_MODELS: dict[tuple[str, str], LPIPS] = {}
@@ -37,6 +42,12 @@ def _check_frames(pred: torch.Tensor, target: torch.Tensor, channels: int | None
     return compute_dtype(pred.dtype)
 
 
+def mae(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error per frame, (N,)."""
+    dtype = _check_frames(pred, target)
+    return (pred.to(dtype) - target.to(dtype)).abs().mean(dim=(1, 2, 3))
+
+
 def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error per frame, (N,)."""
     dtype = _check_frames(pred, target)
@@ -49,13 +60,6 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
     return 10.0 * torch.log10(data_range**2 / mse(pred, target))
 
 
-def gaussian_window(size: int, sigma: float, dtype=torch.float32, device=None) -> torch.Tensor:
-    """The normalized 1-D Gaussian of ``size`` taps (the SSIM window is its outer product with itself)."""
-    x = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
-    g = torch.exp(-(x * x) / (2 * sigma * sigma))
-    return (g / g.sum()).to(dtype)
-
-
 def ssim(
     pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, window_size: int = 11, sigma: float = 1.5
 ) -> torch.Tensor:
@@ -66,19 +70,10 @@ def ssim(
     _checks.positive("sigma", sigma)
     if not isinstance(window_size, int) or window_size < 1 or window_size % 2 == 0:
         raise ValueError(f"window_size must be an odd int >= 1, got {window_size!r}")
-    n, c, h, w = pred.shape
-    if min(h, w) < window_size:
-        raise ValueError(f"pred frames are {h}x{w}; SSIM with a {window_size}-tap window needs at least that size")
-    p, t = pred.to(dtype), target.to(dtype)
-    # the five local moments at once: one separable (1-D, then 1-D) valid convolution of a stack
-    moments = torch.stack([p, t, p * p, t * t, p * t], dim=2).reshape(n * c * 5, 1, h, w)
-    g = gaussian_window(window_size, sigma, dtype, pred.device)
-    moments = F.conv2d(F.conv2d(moments, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
-    mu_p, mu_t, e_pp, e_tt, e_pt = moments.view(n, c, 5, h - window_size + 1, w - window_size + 1).unbind(dim=2)
-    var_p, var_t, cov = e_pp - mu_p * mu_p, e_tt - mu_t * mu_t, e_pt - mu_p * mu_t
-    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
-    ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p * mu_p + mu_t * mu_t + c1) * (var_p + var_t + c2))
-    return ssim_map.mean(dim=(2, 3)).mean(dim=1)
+    if min(pred.shape[-2:]) < window_size:
+        raise ValueError(f"pred frames are {pred.shape[-2]}x{pred.shape[-1]}; SSIM with a {window_size}-tap window "
+                         "needs at least that size")
+    return reference.ssim(pred.to(dtype), target.to(dtype), data_range, window_size, sigma)
 
 
 def lpips_model(net: str = "vgg", device="cpu") -> LPIPS:

@@ -53,6 +53,7 @@ from rlvrw.models.attention import (
     resolve_attention_backend,
     rotary_cos_sin,
 )
+from rlvrw.models.hf_weights import read_hf_weights
 from rlvrw.ops import _checks
 
 
@@ -76,6 +77,10 @@ class WorldModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
+    # Not a LlamaConfig field: the learned copy prior (``Decoder.copy_embed``). When > 0, the input at position q also
+    # gets an embedding of the id at position q + 1 - copy_prior_offset: the same place in the previous frame as the
+    # token being predicted (``SequenceLayout.copy_offset``). 0 (off) for every plain Llama checkpoint.
+    copy_prior_offset: int = 0
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -95,6 +100,7 @@ class WorldModelConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
+        _checks.integer("copy_prior_offset", self.copy_prior_offset, low=0)
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -130,11 +136,15 @@ class WorldModelConfig:
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict:
-        """A Hugging Face LlamaConfig dict that transformers 4 and 5 both read."""
+        """A Hugging Face LlamaConfig dict that transformers 4 and 5 both read (with a copy prior, transformers
+        ignores its weights; only rlvrw reads them)."""
+        fields = dataclasses.asdict(self)
+        if not self.copy_prior_offset:
+            del fields["copy_prior_offset"]  # a plain Llama config, as it was before the copy prior existed
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
-            **dataclasses.asdict(self),
+            **fields,
             "hidden_act": "silu",
             "attention_bias": False,
             "mlp_bias": False,
@@ -225,17 +235,24 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Embedding, decoder layers, final norm: Hugging Face's ``LlamaModel`` (the ``model.`` of its names)."""
+    """Embedding, decoder layers, final norm: Hugging Face's ``LlamaModel`` (the ``model.`` of its names), plus the
+    copy prior's embedding when ``config.copy_prior_offset`` > 0."""
 
     def __init__(self, config: WorldModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.copy_prior_offset:
+            self.copy_embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, ids, positions, config, backend, **cache_args):
-        """ids (B, T) at ``positions`` (T,) -> final-norm hidden states (B, T, hidden)."""
+    def forward(self, ids, positions, config, backend, copy_ids=None, **cache_args):
+        """ids (B, T) at ``positions`` (T,) -> final-norm hidden states (B, T, hidden). ``copy_ids`` (B, T), with a
+        copy prior: the id each position's copy embedding looks up, -1 where there is none."""
         x = self.embed_tokens(ids)
+        if copy_ids is not None:
+            present = (copy_ids >= 0).unsqueeze(-1).to(x.dtype)
+            x = x + self.copy_embed(copy_ids.clamp(min=0)) * present
         cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, backend, **cache_args)
@@ -260,6 +277,7 @@ class WorldModelTransformer(nn.Module):
         self.model = Decoder(self.config)
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
         self.cache_shape: tuple[int, int] | None = None  # (max_batch, max_len) once setup_cache ran
+        self.id_cache: torch.Tensor | None = None  # (max_batch, max_len) ids, with a copy prior
         self.cached_prompts: tuple[int, int] | None = None  # (slots, prompt length) filled by prefill/expand_cache
         self.reset_parameters()
 
@@ -300,11 +318,20 @@ class WorldModelTransformer(nn.Module):
         positions = torch.arange(ids.shape[1], device=ids.device)
         backend = resolve_attention_backend(self.attention_backend, ids.device, self._attention_dtype(ids.device),
                                             self.config.head_dim)
-        hidden = self.model(ids, positions, self.config, backend)
+        hidden = self.model(ids, positions, self.config, backend, copy_ids=self._copy_ids(ids))
         if not return_logits:
             return hidden
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits
+
+    def _copy_ids(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The copy prior's ids for whole sequences ids (B, T) from position 0: ids shifted right by offset - 1, -1
+        before the first (None without a copy prior)."""
+        offset = self.config.copy_prior_offset
+        if not offset:
+            return None
+        shift = min(offset - 1, ids.shape[1])
+        return torch.cat([ids.new_full((ids.shape[0], shift), -1), ids[:, : ids.shape[1] - shift]], dim=1)
 
     # ---- KV cache and decoding ---------------------------------------------------------------------------------------
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
@@ -329,11 +356,14 @@ class WorldModelTransformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             layer.self_attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        if self.config.copy_prior_offset:  # the ids so far, for the copy prior of each decoded position
+            self.id_cache = torch.zeros((max_batch, max_len), dtype=torch.int64, device=device)
         self.cache_shape = (max_batch, max_len)
 
     def free_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.k_cache = layer.self_attn.v_cache = None
+        self.id_cache = None
         self.cache_shape = self.cached_prompts = None
 
     def _cache(self) -> torch.Tensor:
@@ -356,7 +386,10 @@ class WorldModelTransformer(nn.Module):
                              f"{self.cache_shape}")
         backend = self._check_cache_backend(prompts.device)
         positions = torch.arange(length, device=prompts.device)
-        hidden = self.model(prompts, positions, self.config, backend, fill_cache=True)
+        if self.id_cache is not None:
+            self.id_cache[:batch, :length] = prompts
+        hidden = self.model(prompts, positions, self.config, backend, copy_ids=self._copy_ids(prompts),
+                            fill_cache=True)
         self.cached_prompts = (batch, length)
         logits = self.lm_head(hidden[:, -1])
         return (logits, hidden) if return_hidden else logits
@@ -374,13 +407,13 @@ class WorldModelTransformer(nn.Module):
         if batch * group_size > self.cache_shape[0]:
             raise ValueError(f"group_size {group_size} x {batch} prompts exceeds the cache's max_batch "
                              f"{self.cache_shape[0]}")
-        for layer in self.model.layers:
-            for cache in (layer.self_attn.k_cache, layer.self_attn.v_cache):
-                # the B prompts are copied out first (slots [0, B) are among the destinations): a temporary 1/G
-                # the size of what is written, one layer's keys or values at a time
-                prompts = cache[:batch, :length].clone()
-                groups = cache[: batch * group_size].unflatten(0, (batch, group_size))
-                groups[:, :, :length] = prompts[:, None]
+        caches = [c for layer in self.model.layers for c in (layer.self_attn.k_cache, layer.self_attn.v_cache)]
+        for cache in caches + ([self.id_cache] if self.id_cache is not None else []):
+            # the B prompts are copied out first (slots [0, B) are among the destinations): a temporary 1/G
+            # the size of what is written, one layer's keys or values (or the ids) at a time
+            prompts = cache[:batch, :length].clone()
+            groups = cache[: batch * group_size].unflatten(0, (batch, group_size))
+            groups[:, :, :length] = prompts[:, None]
         self.cached_prompts = (batch * group_size, length)
 
     @torch.no_grad()
@@ -405,7 +438,14 @@ class WorldModelTransformer(nn.Module):
             backend = "sdpa"
         pos = pos.reshape(1)
         visible = (torch.arange(cache.shape[1], device=pos.device) <= pos)[None, :]
-        hidden = self.model(tokens[:, None], pos, self.config, backend, decode_pos=pos, visible=visible)
+        copy_ids = None
+        if self.id_cache is not None:
+            rows = self.id_cache[: tokens.shape[0]]
+            rows.index_copy_(1, pos, tokens[:, None])
+            source = pos + 1 - self.config.copy_prior_offset  # a tensor: no host sync, graph-capturable
+            copy_ids = rows.index_select(1, source.clamp(min=0)).masked_fill(source < 0, -1)
+        hidden = self.model(tokens[:, None], pos, self.config, backend, copy_ids=copy_ids, decode_pos=pos,
+                            visible=visible)
         return self.lm_head(hidden[:, 0])
 
     def _check_cache_backend(self, device: torch.device) -> str:
@@ -430,7 +470,7 @@ class WorldModelTransformer(nn.Module):
         if not config_file.is_file():
             raise ValueError(f"path must be a directory holding config.json, got {str(path)!r}")
         config = WorldModelConfig.from_hf_dict(json.loads(config_file.read_text()))
-        state = {k: v for k, v in _read_hf_weights(path).items() if not k.endswith("rotary_emb.inv_freq")}
+        state = {k: v for k, v in read_hf_weights(path).items() if not k.endswith("rotary_emb.inv_freq")}
         model = cls(config, attention_backend=attention_backend)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
@@ -455,28 +495,3 @@ class WorldModelTransformer(nn.Module):
         (path / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-
-
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a Hugging Face weights directory, whichever of its formats it uses."""
-    for index_name, loader in (("model.safetensors.index.json", _load_safetensors),
-                               ("pytorch_model.bin.index.json", _load_torch)):
-        index = path / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in loader(path / shard).items()}
-    if (path / "model.safetensors").is_file():
-        return _load_safetensors(path / "model.safetensors")
-    if (path / "pytorch_model.bin").is_file():
-        return _load_torch(path / "pytorch_model.bin")
-    raise ValueError(f"path {str(path)!r} holds no model.safetensors, pytorch_model.bin or their sharded index")
-
-
-def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(file))
-
-
-def _load_torch(file: Path) -> dict[str, torch.Tensor]:
-    return torch.load(file, map_location="cpu", weights_only=True)

@@ -22,6 +22,7 @@ from rlvrw.ops.logprobs import linear_token_logprobs, token_logprobs
 # Ops whose modules import more (LPIPS networks) load on first use. A lazy name must differ from its module's name:
 # importing the submodule sets the package attribute of that name to the module.
 _LAZY = {
+    "frame_reward": "rlvrw.ops.reward",
     "l1_lpips_reward": "rlvrw.ops.reward",
 }
 

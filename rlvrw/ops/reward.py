@@ -1,7 +1,12 @@
-"""The reward of a video world model: ``-(l1_weight * L1 + lpips_weight * LPIPS)`` of each predicted frame against
-its ground truth, with the ground truth's backbone features computed once per group.
+"""The rewards of a video world model: any weighted sum of MAE, MSE, PSNR, SSIM and LPIPS of each predicted frame
+against its ground truth (``frame_reward``; higher is better), and RLVR-World's ``-(l1_weight * L1 + lpips_weight *
+LPIPS)`` (``l1_lpips_reward``, its ``"l1+lpips"`` case). Every ground truth is read once per group.
 
-The spec is ``rlvrw.reference.reward.l1_lpips_reward`` (the ground truth repeated for every prediction). Here:
+The specs are ``rlvrw.reference.reward.frame_reward`` and ``l1_lpips_reward`` (the ground truth repeated for every
+prediction). Pixel terms (MAE, MSE, PSNR, SSIM): SSIM's local moments come from the separable Gaussian window (two
+1-D convolutions), the ground truth's mean and second moment once per group; then one Triton kernel
+(``kernels/frame_stats.py``) reads each prediction, its ground truth and their moments once and writes the
+prediction's MAE, MSE and mean SSIM (PSNR follows from the MSE); on CPU the same steps in plain PyTorch. LPIPS:
 
 * The backbone runs on B + B*G images, not 2*B*G: each chunk of whole groups is laid out
   ``[k*F ground truths ; k*G*F predictions]`` and every prediction is compared with the features of its group's
@@ -24,6 +29,7 @@ import math
 import torch
 
 from rlvrw.ops import _backend, _checks
+from rlvrw.ops.frame_stats import PIXEL_STATS, pixel_stats
 from rlvrw.reference import reward as reference
 from rlvrw.reference.logprobs import compute_dtype
 
@@ -161,68 +167,146 @@ def _check_frames(pred, target, group_size) -> tuple[int, int]:
     return num_groups, 1 if pred.dim() == 4 else pred.shape[1]
 
 
-def l1_lpips_reward(
+REWARD_METRICS = (*reference.METRICS, "l1+lpips")  # the names frame_reward takes; sums like "mae+0.5*lpips" too
+METRIC_ALIASES = {"l1": "mae"}
+
+
+def reward_weights(metric) -> dict[str, float]:
+    """``{metric name: weight}`` of a reward: a name of ``REWARD_METRICS``, a sum of names with optional weights
+    (``"l1+lpips"``, ``"mae+0.5*lpips"``; ``l1`` means ``mae``), or such a dict. ValueError names the choices."""
+    if isinstance(metric, str):
+        terms = {}
+        for part in metric.replace(" ", "").split("+"):
+            weight, star, name = part.rpartition("*")
+            try:
+                value = float(weight) if star else 1.0
+            except ValueError:
+                value = float("nan")
+            name = METRIC_ALIASES.get(name, name)
+            if name not in reference.METRICS or not math.isfinite(value):
+                raise ValueError(f"metric must be one of {list(REWARD_METRICS)}, a sum of them with optional weights "
+                                 f"('mae+0.5*lpips'), or a dict of weights; got {metric!r}")
+            terms[name] = terms.get(name, 0.0) + value
+        metric = terms
+    if not isinstance(metric, dict) or not metric:
+        raise ValueError(f"metric must be one of {list(REWARD_METRICS)}, a sum of them, or a non-empty dict of "
+                         f"weights; got {metric!r}")
+    weights = {}
+    for name, weight in metric.items():
+        canonical = METRIC_ALIASES.get(name, name)
+        if canonical not in reference.METRICS:
+            raise ValueError(f"metric: unknown metric {name!r}; choices: {list(reference.METRICS)} (and 'l1')")
+        weights[canonical] = weights.get(canonical, 0.0) + _check_weight(f"metric[{name!r}]", weight)
+    return weights
+
+
+def frame_reward(
     pred: torch.Tensor,
     target: torch.Tensor,
-    group_size: int = 16,
+    group_size: int,
+    metric,
     lpips=None,
-    l1_weight: float = 1.0,
-    lpips_weight: float = 1.0,
-    *,
     frame_reduction: str = "mean",
     gamma: float = 0.9,
+    *,
+    return_terms: bool = False,
+    psnr_cap_db: float = reference.PSNR_CAP_DB,
     precision: str = "auto",
     micro_batch: int | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
-    """``-(l1_weight * mean|pred - target| + lpips_weight * LPIPS(2 * pred - 1, 2 * target - 1))`` per sample.
+):
+    """The verifiable reward of each predicted frame: ``sum_m w_m * (+-) metric_m``, higher is better.
+
+    metric: ``"mae"``, ``"mse"``, ``"psnr"``, ``"ssim"``, ``"lpips"``, ``"l1+lpips"`` (``l1`` is ``mae``), a
+    weighted sum (``"mae+0.5*lpips"``) or a dict ``{name: weight}`` (weights >= 0). Losses enter negated (``-mae``,
+    ``-mse``, ``-lpips``), PSNR and SSIM as they are; each term per frame equals ``rlvrw.eval.metrics`` (PSNR capped
+    at ``psnr_cap_db``, so an exact prediction scores a finite reward).
 
     pred (B*G, 3, H, W) in [0, 1], laid out group by group (the G samples of prompt b are rows b*G ... b*G+G-1);
     target (B, 3, H, W), the ground truth of each group. Multi-frame: pred (B*G, F, 3, H, W) with target
     (B, F, 3, H, W) gives per-frame rewards reduced over frames by ``frame_reduction``: ``"mean"`` (the multi-step
     reward), ``"last"``, or ``"discounted"`` (``gamma^f``, normalized to sum to 1). Returns (B*G,) on pred's device,
-    float32 (float64 with ``precision="fp64"``), without a host sync. Differentiable in pred (a training loss for a
-    tokenizer); the target is a constant.
+    float32 (float64 for float64 input or ``precision="fp64"``), without a host sync; with ``return_terms``,
+    ``(reward, {name: (B*G,)})``: each metric of the reward per sample, reduced over frames the same way, in its own
+    units (so nothing has to invert the reward to log its parts). Differentiable in pred; the target is a constant.
 
-    lpips: an LPIPS network, e.g. ``rlvrw.models.LPIPS(net="vgg")``, on pred's device.
-    precision: the backbone's dtype. ``"auto"``: bf16 (channels_last) on the GPU, fp32 on CPU, fp64 for fp64 input;
-    ``"fp32"`` for evaluation-grade numbers. The LPIPS tail and the L1 term are always float32 or better.
-    micro_batch: images per backbone call (rounded to whole groups, at least one group); default from the device's
-    memory and the frame size.
+    lpips: an LPIPS network (``rlvrw.models.LPIPS(net="vgg")``) on pred's device, needed when the reward has LPIPS.
+    precision, micro_batch: of the LPIPS backbone, as in ``l1_lpips_reward``. SSIM needs frames of at least 11 x 11.
     Values outside [0, 1] are not checked (that would sync); NaN in a prediction gives a NaN reward for that sample.
     """
     num_groups, num_frames = _check_frames(pred, target, group_size)
     device = _checks.same_device(pred=pred, target=target)
-    _check_lpips(lpips, device)
-    l1_weight = _check_weight("l1_weight", l1_weight)
-    lpips_weight = _check_weight("lpips_weight", lpips_weight)
+    weights = reward_weights(metric)
+    with_lpips = "lpips" in weights
+    if with_lpips:
+        _check_lpips(lpips, device)
     _checks.choice("frame_reduction", frame_reduction, reference.FRAME_REDUCTIONS)
     if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
         raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+    if isinstance(psnr_cap_db, bool) or not isinstance(psnr_cap_db, (int, float)) or not psnr_cap_db > 0:
+        raise ValueError(f"psnr_cap_db must be a number > 0, got {psnr_cap_db!r}")
     _checks.choice("precision", precision, PRECISIONS)
     h, w = pred.shape[-2:]
-    if min(h, w) < lpips.min_input_size:
+    if with_lpips and min(h, w) < lpips.min_input_size:
         raise ValueError(
             f"pred frames are {h}x{w}; this LPIPS network needs at least {lpips.min_input_size}x{lpips.min_input_size}"
         )
+    if "ssim" in weights and min(h, w) < reference.SSIM_WINDOW:
+        raise ValueError(f"pred frames are {h}x{w}; the SSIM reward's {reference.SSIM_WINDOW}-tap window needs at "
+                         "least that size")
     bad_micro_batch = isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1
     if micro_batch is not None and bad_micro_batch:
         raise ValueError(f"micro_batch must be None or an int >= 1, got {micro_batch!r}")
-    name = _backend.resolve("l1_lpips_reward", device, backend)
+    name = _backend.resolve("frame_reward", device, backend)
 
     if precision == "auto":
         precision = "fp64" if pred.dtype == torch.float64 else "bf16" if device.type == "cuda" else "fp32"
-    x_dtype = _BACKBONE_DTYPES[precision]
     acc_dtype = torch.float64 if precision == "fp64" else torch.float32
     if num_groups == 0:
-        return torch.zeros(0, dtype=acc_dtype, device=device)
-    autograd = torch.is_grad_enabled() and pred.requires_grad
-    if micro_batch is None:
-        micro_batch = _default_micro_batch(device, h, w, x_dtype, autograd)
-    groups_per_chunk = max(1, micro_batch // ((group_size + 1) * num_frames))
+        empty = torch.zeros(0, dtype=acc_dtype, device=device)
+        return (empty, {m: empty for m in weights}) if return_terms else empty
 
     pred_frames = pred.reshape(-1, 3, h, w)
     target_frames = target.detach().reshape(-1, 3, h, w)
+    values = {}
+    if with_lpips:
+        values["mae"], values["lpips"] = _l1_and_lpips(pred_frames, target_frames, lpips, group_size, num_frames,
+                                                       precision, acc_dtype, micro_batch, name)
+    pixel = [m for m in weights if m in reference.PIXEL_METRICS and m not in values]
+    if pixel:
+        stats = pixel_stats(pred_frames.to(acc_dtype) if pred.dtype != acc_dtype else pred_frames,
+                            target_frames.to(acc_dtype), group_size, num_frames, "ssim" in pixel, name)
+        values.update({stat: stats[:, i] for i, stat in enumerate(PIXEL_STATS) if stat in pixel})
+        if "psnr" in pixel:
+            values["psnr"] = reference.psnr_from_mse(stats[:, PIXEL_STATS.index("mse")], psnr_cap_db)
+    per_frame = sum(weight * (values[m] if m in reference.HIGHER_IS_BETTER else -values[m])
+                    for m, weight in weights.items())
+    reward = _reduce_frames(per_frame, num_frames, frame_reduction, gamma, acc_dtype, device)
+    if not return_terms:
+        return reward
+    return reward, {m: _reduce_frames(values[m], num_frames, frame_reduction, gamma, acc_dtype, device)
+                    for m in weights}
+
+
+def _reduce_frames(per_frame, num_frames, frame_reduction, gamma, dtype, device) -> torch.Tensor:
+    per_frame = per_frame.to(dtype)
+    if num_frames == 1:
+        return per_frame
+    weights = reference.frame_weights(num_frames, frame_reduction, gamma, dtype, device)
+    return (per_frame.view(-1, num_frames) * weights).sum(dim=1)
+
+
+def _l1_and_lpips(pred_frames, target_frames, lpips, group_size, num_frames, precision, acc_dtype, micro_batch,
+                  name) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1, LPIPS distance) per predicted frame, the backbone run on each ground truth once per group."""
+    h, w = pred_frames.shape[-2:]
+    device = pred_frames.device
+    num_groups = target_frames.shape[0] // num_frames
+    x_dtype = _BACKBONE_DTYPES[precision]
+    autograd = torch.is_grad_enabled() and pred_frames.requires_grad
+    if micro_batch is None:
+        micro_batch = _default_micro_batch(device, h, w, x_dtype, autograd)
+    groups_per_chunk = max(1, micro_batch // ((group_size + 1) * num_frames))
     if name == "reference":
         x, l1 = _scaled_input_reference(
             pred_frames, target_frames, lpips, group_size, num_frames, groups_per_chunk, x_dtype, acc_dtype
@@ -232,7 +316,6 @@ def l1_lpips_reward(
             pred_frames, target_frames, lpips.input_shift, lpips.input_scale, group_size, num_frames,
             groups_per_chunk, x_dtype, device.type == "cuda", acc_dtype,
         )
-
     distances = []
     for start, n_targets, n_preds in chunk_rows(num_groups, group_size, num_frames, groups_per_chunk):
         taps = lpips.tap_features(x[start : start + n_targets + n_preds])
@@ -248,11 +331,33 @@ def l1_lpips_reward(
                     pred_feat, target_feat, weight, group_size, num_frames
                 )
         distances.append(chunk_distance)
-    distance = torch.cat(distances).to(acc_dtype)
+    return l1.to(acc_dtype), torch.cat(distances).to(acc_dtype)
 
-    per_frame = -(l1_weight * l1 + lpips_weight * distance)
-    if num_frames == 1:
-        return per_frame
-    weights = reference.frame_weights(num_frames, frame_reduction, gamma, acc_dtype, device)
-    return (per_frame.view(-1, num_frames) * weights).sum(dim=1)
 
+def l1_lpips_reward(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    group_size: int = 16,
+    lpips=None,
+    l1_weight: float = 1.0,
+    lpips_weight: float = 1.0,
+    *,
+    frame_reduction: str = "mean",
+    gamma: float = 0.9,
+    precision: str = "auto",
+    micro_batch: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``-(l1_weight * mean|pred - target| + lpips_weight * LPIPS(2 * pred - 1, 2 * target - 1))`` per sample: RLVR-
+    World's video reward, ``frame_reward``'s ``"l1+lpips"`` case (same shapes and options; ``lpips`` required). The
+    L1 term comes from the pass that scales the frames into the backbone's input, at no extra read.
+    precision: the backbone's dtype. ``"auto"``: bf16 (channels_last) on the GPU, fp32 on CPU, fp64 for fp64 input;
+    ``"fp32"`` for evaluation-grade numbers. The LPIPS tail and the L1 term are always float32 or better.
+    micro_batch: images per backbone call (rounded to whole groups, at least one group); default from the device's
+    memory and the frame size.
+    """
+    _check_frames(pred, target, group_size)
+    _check_lpips(lpips, _checks.same_device(pred=pred, target=target))
+    weights = {"mae": _check_weight("l1_weight", l1_weight), "lpips": _check_weight("lpips_weight", lpips_weight)}
+    return frame_reward(pred, target, group_size, weights, lpips, frame_reduction, gamma, precision=precision,
+                        micro_batch=micro_batch, backend=backend)

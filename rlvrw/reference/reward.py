@@ -26,9 +26,16 @@ from __future__ import annotations
 import torch
 
 from rlvrw.reference.logprobs import compute_dtype
+from rlvrw.reference.precision import full_fp32
 
 NORM_EPS = 1e-10  # the lpips package's epsilon; it enters the square root squared
 FRAME_REDUCTIONS = ("mean", "last", "discounted")
+PIXEL_METRICS = ("mae", "mse", "psnr", "ssim")  # computed from the pixels alone
+METRICS = PIXEL_METRICS + ("lpips",)
+HIGHER_IS_BETTER = frozenset({"psnr", "ssim"})  # enter the reward as they are; the others negated
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+PSNR_CAP_DB = 100.0  # an MSE of 1e-10, far below 8-bit rounding
 
 
 def normalize_channels(feat: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
@@ -111,6 +118,93 @@ def l1_lpips_reward(
     l1 = (p - t).abs().mean(dim=(1, 2, 3))
     distance = lpips(2 * p - 1, 2 * t - 1).reshape(-1).to(dtype)
     return _reduce_frames(-(l1_weight * l1 + lpips_weight * distance), num_frames, frame_reduction, gamma)
+
+
+def gaussian_window(size: int, sigma: float, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The normalized 1-D Gaussian of ``size`` taps (the SSIM window is its outer product with itself)."""
+    x = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
+    g = torch.exp(-(x * x) / (2 * sigma * sigma))
+    return (g / g.sum()).to(dtype)
+
+
+def gaussian_filter(maps: torch.Tensor, window_size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """The Gaussian-weighted local means of maps (..., H, W) over the windows inside the map, (..., H-k+1, W-k+1):
+    the separable window as a 1-D pass along the rows, then one along the columns. In full float32 on a GPU (TF32
+    convolutions would cost SSIM its digits: variances are differences of nearby moments)."""
+    h, w = maps.shape[-2:]
+    g = gaussian_window(window_size, sigma, maps.dtype, maps.device)
+    x = maps.reshape(-1, 1, h, w)
+    with full_fp32(matmul=False):
+        x = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+    return x.view(*maps.shape[:-2], h - window_size + 1, w - window_size + 1)
+
+
+def ssim_map(mu_x, mu_y, e_xx, e_yy, e_xy, data_range: float = 1.0) -> torch.Tensor:
+    """SSIM at each window from the local moments: means, second moments and the cross moment."""
+    var_x, var_y, cov = e_xx - mu_x * mu_x, e_yy - mu_y * mu_y, e_xy - mu_x * mu_y
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, window_size: int = SSIM_WINDOW,
+         sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """SSIM per frame (N,) of frames (N, C, H, W): the map's mean per channel, averaged over channels; float32
+    (float64 for float64 frames)."""
+    dtype = compute_dtype(pred.dtype)
+    p, t = pred.to(dtype), target.to(dtype)
+    mu_p, mu_t, e_pp, e_tt, e_pt = gaussian_filter(torch.stack([p, t, p * p, t * t, p * t]), window_size,
+                                                   sigma).unbind(0)
+    return ssim_map(mu_p, mu_t, e_pp, e_tt, e_pt, data_range).mean(dim=(2, 3)).mean(dim=1)
+
+
+def psnr_from_mse(mse: torch.Tensor, cap_db: float | None = PSNR_CAP_DB) -> torch.Tensor:
+    """``10 log10(1 / mse)`` (value range 1), at most ``cap_db`` (None: uncapped, an exact copy is inf). NaN stays."""
+    value = -10.0 * torch.log10(mse)
+    return value if cap_db is None else value.clamp(max=cap_db)
+
+
+def frame_metric_values(pred: torch.Tensor, target: torch.Tensor, group_size: int, names, lpips=None,
+                        psnr_cap_db: float | None = PSNR_CAP_DB) -> dict[str, torch.Tensor]:
+    """The metrics ``names`` of every predicted frame, each (B*G*F,) in (b, g, f) order, the plain way: the ground
+    truth repeated for every prediction. pred (B*G[, F], 3, H, W), target (B[, F], 3, H, W); ``lpips`` an LPIPS
+    module called on [-1, 1] images (needed for "lpips")."""
+    p, t = _frames(pred, target)
+    dtype = compute_dtype(pred.dtype)
+    p = p.flatten(0, 1).to(dtype)
+    t = t.repeat_interleave(group_size, dim=0).flatten(0, 1).to(dtype)
+    values = {}
+    diff = p - t
+    if "mae" in names:
+        values["mae"] = diff.abs().mean(dim=(1, 2, 3))
+    if "mse" in names or "psnr" in names:
+        mse = diff.square().mean(dim=(1, 2, 3))
+        values.update({"mse": mse, "psnr": psnr_from_mse(mse, psnr_cap_db)})
+    if "ssim" in names:
+        values["ssim"] = ssim(p, t)
+    if "lpips" in names:
+        values["lpips"] = lpips(2 * p - 1, 2 * t - 1).reshape(-1).to(dtype)
+    return {name: values[name] for name in names}
+
+
+def frame_reward(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    group_size: int,
+    weights: dict[str, float],
+    lpips=None,
+    frame_reduction: str = "mean",
+    gamma: float = 0.9,
+    psnr_cap_db: float | None = PSNR_CAP_DB,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``sum_m weights[m] * (+-) metric_m`` per predicted frame (+ for PSNR and SSIM, - for the losses), reduced over
+    frames by ``frame_reduction``; also each metric per sample (B*G,), reduced over frames the same way. Shapes as
+    ``l1_lpips_reward``; float32 (float64 for float64 input)."""
+    num_frames = 1 if pred.dim() == 4 else pred.shape[1]
+    values = frame_metric_values(pred, target, group_size, list(weights), lpips, psnr_cap_db)
+    per_frame = sum(w * (v if name in HIGHER_IS_BETTER else -v) for (name, w), v in zip(weights.items(),
+                                                                                       values.values()))
+    terms = {name: _reduce_frames(v, num_frames, frame_reduction, gamma) for name, v in values.items()}
+    return _reduce_frames(per_frame, num_frames, frame_reduction, gamma), terms
 
 
 def rlvr_world_reward(

@@ -16,7 +16,9 @@ reward). A sample's metric is its mean over its K predicted frames. Rows of the 
   fraction of its K frames that repeat).
 - ``model_no_repeat`` (``reject_repeats``): per prompt, the first sample that repeats no frame, or the first sample
   when all G repeat (``first_non_repeating``): the score of sampling with repeated samples rejected.
-- ``best_of_n`` (``group_size`` > 1): per metric, the best of the G samples (RLVR-World's best-of-N).
+- ``best_of_n`` (``group_size`` > 1): per metric, the best of the G samples (RLVR-World's best-of-N);
+  ``best_of_n_curve``: the same for the first N samples of each group, N = 1, 2, 4, ... up to G (RLVR-World's
+  Fig. 4a), as {str(N): row}.
 - ``mean_of_n`` (``group_size`` > 1): every sample's metrics and repetition, averaged: the expected score of one
   sample, with less sampling noise than the first sample's alone.
 - ``copy_last``: the last context frame's real pixels as every predicted frame; its tokens are the last context
@@ -58,7 +60,7 @@ from rlvrw.rl import checkpoint
 from rlvrw.rl.config import RunConfig, check_model_dir, config_command, option
 from rlvrw.rl.pretrain import clip_span, clip_times, encode_clips, episode_stream
 from rlvrw.rl.rollout import GroupSampler
-from rlvrw.rl.trainer import LPIPS_NETS, FrameRenderer, load_lpips, mean_abs_error, repeated_frames, sampling_seed
+from rlvrw.rl.trainer import LPIPS_NETS, FrameRenderer, load_lpips, repeated_frames, sampling_seed
 from rlvrw.usage import UsageError
 
 logger = logging.getLogger(__name__)
@@ -228,7 +230,7 @@ def score_frames(pred: torch.Tensor, truth: torch.Tensor, lpips_model, x100: boo
     """Per-frame metrics (n,) of predictions against true frames, both float in [0, 1]."""
     values = metrics.frame_metrics(pred, truth, model=lpips_model)
     values["psnr"] = values["psnr"].clamp(max=PSNR_CAP_DB)
-    values["l1"] = mean_abs_error(pred, truth, 1)
+    values["l1"] = metrics.mae(pred, truth)
     if x100:
         values = {name: v * 100 if name in X100 else v for name, v in values.items()}
     return values
@@ -258,6 +260,17 @@ def best_of_n_row(values: dict[str, torch.Tensor], group_size: int) -> dict[str,
     return {name: float(metrics.best_of_n(values[name].mean(dim=1), group_size,
                                           maximize=not LOWER_IS_BETTER[name])[0].double().mean())
             for name in METRICS}
+
+
+def best_of_n_curve(values: dict[str, torch.Tensor], group_size: int) -> dict[str, dict[str, float]]:
+    """{str(N): ``best_of_n_row`` of the first N samples of each group} for N = 1, 2, 4, ... <= group_size, and
+    group_size itself."""
+    sizes = sorted({1 << i for i in range(group_size.bit_length()) if 1 << i <= group_size} | {group_size})
+    curve = {}
+    for n in sizes:
+        first_n = {name: v.unflatten(0, (-1, group_size))[:, :n].flatten(0, 1) for name, v in values.items()}
+        curve[str(n)] = best_of_n_row(first_n, n)
+    return curve
 
 
 def first_non_repeating(repetition: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -361,6 +374,7 @@ def evaluate(config: EvalConfig) -> dict:
         result["model_no_repeat"] = row({name: v[chosen] for name, v in all_scores.items()}, repetition[chosen])
     if group > 1:
         result["best_of_n"] = best_of_n_row(all_scores, group)
+        result["best_of_n_curve"] = best_of_n_curve(all_scores, group)
         result["mean_of_n"] = row(all_scores, repetition)
     result["copy_last"] = row(score(last_context[:, None].expand_as(truth)), torch.ones(truth.shape[0]))
     copied = copied_last_frame(layout, clips).to(device)

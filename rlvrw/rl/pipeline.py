@@ -12,13 +12,18 @@ Stages, each a call into the module that owns it, each reusing what an earlier r
    multi-step: ``predicted_frames`` frames predicted per clip after the context frame and C prompt frames.
 3. pretrain: the training split tokenized once, then MLE pre-training of the world model (``rlvrw.rl.pretrain``)
    -> ``DIR/pretrain/model`` (resumes from ``DIR/pretrain/checkpoints``).
-4. eval (MLE): next-frame metrics on the held-out episodes (``rlvrw.rl.evaluate``) -> ``DIR/eval_mle/``.
-5. rl: GRPO post-training from the MLE model with reward -(L1 + LPIPS) (``rlvrw.rl.trainer``) -> ``DIR/rl/model``.
-6. eval (RLVR): the same evaluation, same clips and sampling seed -> ``DIR/eval_rlvr/``.
+4. eval (MLE): next-frame metrics on the held-out episodes (``rlvrw.rl.evaluate``) -> ``DIR/eval_mle/``, sampled as
+   the reference samples; with ``eval_greedy``, also greedy (the most likely token at every step) ->
+   ``DIR/eval_mle_greedy/``.
+5. rl: GRPO post-training from the MLE model with ``reward`` (``ops.frame_reward``'s metric; default -(L1 + LPIPS))
+   (``rlvrw.rl.trainer``) -> ``DIR/rl/model``.
+6. eval (RLVR): the same evaluations, same clips and sampling seed -> ``DIR/eval_rlvr/`` (and ``_greedy``).
 
 Then ``DIR/eval.json`` (DESIGN.md's contract): ``{"mle": {"mse", "psnr", "ssim", "lpips", "repetition_rate", "l1"},
 "rlvr": {same}, "baselines": {"copy_last", "copy_last_tokens", "tokenizer"}, "best_of_n": {"mle", "rlvr"},
-"mean_of_n": {"mle", "rlvr"}, "next_frame", "stage_seconds", "config"}`` (rows as ``rlvrw.rl.evaluate`` defines them;
+"mean_of_n": {"mle", "rlvr"}, "greedy": {"mle", "rlvr"} (empty without eval_greedy), "no_repeat": {"mle",
+"rlvr"} (with eval_reject_repeats), "per_step" (multi-step: every row's per-horizon means), "next_frame",
+"stage_seconds", "config"}`` (rows as ``rlvrw.rl.evaluate`` defines them;
 multi-step rows are means over the predicted frames, and ``next_frame`` holds the baselines', MLE's and RLVR's
 metrics at the first predicted frame alone, empty single-step), printed as a table. An evaluation is reused when
 its ``eval.json`` was made with the same settings.
@@ -63,11 +68,11 @@ PRESETS = {
     # 8 for each future frame: with 4 x 4, no future frame reconstructs better than copying the last frame), 3 frames
     # predicted per clip; about 30 minutes on 2 CPU cores before RL
     "multistep": dict(tokenizer_kind="compressive", tokenizer_channels=[32, 64], tokenizer_patch_size=2,
-                      tokenizer_steps=1200, predicted_frames=3),
+                      tokenizer_steps=1200, predicted_frames=3, eval_reject_repeats=True),
 }
 LPIPS_CHOICES = ("vgg", "alex", "squeeze")
 TOKENIZER_KINDS = ("frame", "compressive")
-STAGES = ("data", "tokenizer", "pretrain", "eval_mle", "rl", "eval_rlvr")
+STAGES = ("data", "tokenizer", "pretrain", "eval_mle", "eval_mle_greedy", "rl", "eval_rlvr", "eval_rlvr_greedy")
 
 
 @dataclass
@@ -110,7 +115,11 @@ class PipelineConfig:
     pretrain_batch_size: int = 16
     pretrain_lr: float = 1e-3
     pretrain_warmup_steps: int = 100
+    # the learned copy prior (WorldModelConfig.copy_prior_offset): every frame token's input also embeds the id at
+    # its place in the previous frame
+    copy_prior: bool = False
     # RLVR (GRPO); the paper's loss settings stay rlvrw.rl.trainer's defaults
+    reward: str = "l1+lpips"  # ops.frame_reward's metric: mae, mse, psnr, ssim, lpips, l1+lpips or a weighted sum
     rl_steps: int = 120
     rl_prompts: int = 8
     rl_group_size: int = 8
@@ -124,6 +133,8 @@ class PipelineConfig:
     eval_max_clips: int = 0
     eval_lpips_net: str = "vgg"
     eval_strip_clips: int = 3
+    eval_greedy: bool = True  # also evaluate both models greedy (the most likely token at every step)
+    eval_reject_repeats: bool = False  # also score the first sample per clip that repeats no frame (sampled evals)
     lpips_weights: str = ""  # "random": untrained LPIPS networks (tests only)
     seed: int = 0
     device: str = "auto"
@@ -153,6 +164,9 @@ class PipelineConfig:
                               ("eval_lpips_net", LPIPS_CHOICES), ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        from rlvrw.ops.reward import reward_weights
+
+        reward_weights(self.reward)  # ValueError naming the choices
         if len(self.tokenizer_channels) < 2:
             raise ValueError(f"tokenizer_channels needs at least two stages, got {self.tokenizer_channels!r}")
         factor = 2 ** (len(self.tokenizer_channels) - 1)
@@ -332,7 +346,8 @@ def pretrain_stage(config: PipelineConfig, episodes: Path, tokenizer: Path, run_
     pretrain(PretrainConfig(
         episodes=str(episodes), tokenizer=str(tokenizer), out_dir=str(out_dir), context_frames=config.context_frames,
         predicted_frames=config.predicted_frames, clip_stride=1,  # multi-step: a clip at every start frame
-        model="small", model_overrides=dict(config.model_overrides), steps=config.pretrain_steps,
+        model="small", model_overrides=dict(config.model_overrides), copy_prior=config.copy_prior,
+        steps=config.pretrain_steps,
         micro_batch_size=config.pretrain_batch_size, lr=config.pretrain_lr,
         warmup_steps=min(config.pretrain_warmup_steps, config.pretrain_steps - 1), seed=config.seed,
         device=config.device, log_every=max(1, config.pretrain_steps // 20),
@@ -340,31 +355,36 @@ def pretrain_stage(config: PipelineConfig, episodes: Path, tokenizer: Path, run_
     return out_dir
 
 
-def rl_stage(config: PipelineConfig, tokenizer: Path, pretrain_dir: Path, run_dir: Path) -> Path:
+def rl_stage(config: PipelineConfig, tokenizer: Path, pretrain_dir: Path, run_dir: Path, name: str = "rl") -> Path:
+    """RLVR from the MLE model into ``DIR/<name>`` (resumes from its checkpoints)."""
     from rlvrw.rl.pretrain import CACHE_FILE
     from rlvrw.rl.trainer import RLConfig, rl
 
-    out_dir = run_dir / "rl"
+    out_dir = run_dir / name
     rl(RLConfig(
         data=str(pretrain_dir / CACHE_FILE), tokenizer=str(tokenizer), out_dir=str(out_dir),
         init_from=str(pretrain_dir / "model"), token_grid=None if config.multi_step else config.token_grid,
         context_frames=config.context_frames,
         steps=config.rl_steps, prompts_per_step=config.rl_prompts, group_size=config.rl_group_size,
         rollout_prompts=config.rl_prompts, micro_batch_size=config.rl_prompts * config.rl_group_size,
-        lr=config.rl_lr, kl_coef=config.rl_kl_coef, lpips_net=config.rl_lpips_net,
+        lr=config.rl_lr, kl_coef=config.rl_kl_coef, reward=config.reward, lpips_net=config.rl_lpips_net,
         lpips_weights=config.lpips_weights, seed=config.seed, device=config.device,
         log_every=max(1, config.rl_steps // 20), save_every=max(1, config.rl_steps // 2), tensorboard="off",
         progress=config.progress))
     return out_dir
 
 
-def eval_stage(config: PipelineConfig, model_dir: Path, episodes: Path, tokenizer: Path, out_dir: Path) -> dict:
-    """The evaluation's result, reused from ``out_dir`` when it was made with the same settings."""
+def eval_stage(config: PipelineConfig, model_dir: Path, episodes: Path, tokenizer: Path, out_dir: Path,
+               greedy: bool = False) -> dict:
+    """The evaluation's result, reused from ``out_dir`` when it was made with the same settings. ``greedy``: one
+    sample per clip, the most likely token at every step (top-k 1)."""
     eval_config = EvalConfig(
         model=str(model_dir), tokenizer=str(tokenizer), episodes=str(episodes), out_dir=str(out_dir),
         context_frames=config.context_frames, predicted_frames=config.predicted_frames,
         clip_stride=config.eval_clip_stride, max_clips=config.eval_max_clips,
-        group_size=config.eval_group_size, top_k=config.eval_top_k, lpips_net=config.eval_lpips_net,
+        group_size=1 if greedy else config.eval_group_size, top_k=1 if greedy else config.eval_top_k,
+        reject_repeats=config.eval_reject_repeats and not greedy,
+        lpips_net=config.eval_lpips_net,
         lpips_weights=config.lpips_weights,
         strip_clips=config.eval_strip_clips, seed=config.seed, device=config.device)
     previous = out_dir / RESULT_FILE
@@ -384,13 +404,15 @@ def first_step(row: dict) -> dict:
     return {name: values[0] for name, values in row["per_step"].items()}
 
 
-def summarize(config: PipelineConfig, mle: dict, rlvr: dict, stage_seconds: dict) -> dict:
-    """``DIR/eval.json``'s content (see the module doc)."""
+def summarize(config: PipelineConfig, mle: dict, rlvr: dict, stage_seconds: dict, greedy: dict | None = None) -> dict:
+    """``DIR/eval.json``'s content (see the module doc); ``greedy``: {"mle", "rlvr"} greedy evaluations."""
+    greedy = greedy or {}
     next_frame = {}
     if config.multi_step:
-        next_frame = {name: first_step(result[row]) for name, result, row in (
-            ("copy_last", mle, "copy_last"), ("copy_last_tokens", mle, "copy_last_tokens"),
-            ("tokenizer", mle, "tokenizer"), ("mle", mle, "model"), ("rlvr", rlvr, "model"))}
+        rows = [("copy_last", mle, "copy_last"), ("copy_last_tokens", mle, "copy_last_tokens"),
+                ("tokenizer", mle, "tokenizer"), ("mle", mle, "model"), ("rlvr", rlvr, "model")]
+        rows += [(f"{name}_greedy", result, "model") for name, result in greedy.items()]
+        next_frame = {name: first_step(result[row]) for name, result, row in rows}
     return {
         "mle": {name: mle["model"][name] for name in DESIGN_METRICS},
         "rlvr": {name: rlvr["model"][name] for name in DESIGN_METRICS},
@@ -398,6 +420,16 @@ def summarize(config: PipelineConfig, mle: dict, rlvr: dict, stage_seconds: dict
         "best_of_n": {"mle": mle.get("best_of_n"), "rlvr": rlvr.get("best_of_n"),
                       "group_size": config.eval_group_size},
         "mean_of_n": {"mle": mle.get("mean_of_n"), "rlvr": rlvr.get("mean_of_n")},
+        "greedy": {name: {metric: result["model"][metric] for metric in DESIGN_METRICS}
+                   for name, result in greedy.items()},
+        "no_repeat": {name: result["model_no_repeat"] for name, result in (("mle", mle), ("rlvr", rlvr))
+                      if "model_no_repeat" in result},
+        "per_step": {name: result[row]["per_step"] for name, result, row in (
+            ("copy_last", mle, "copy_last"), ("tokenizer", mle, "tokenizer"), ("mle", mle, "model"),
+            ("rlvr", rlvr, "model"), ("mle_no_repeat", mle, "model_no_repeat"),
+            ("rlvr_no_repeat", rlvr, "model_no_repeat"),
+            *((f"{name}_greedy", result, "model") for name, result in greedy.items()))
+            if "per_step" in result.get(row, {})},
         "next_frame": next_frame,
         "clips": mle["clips"],
         "episodes": mle["episodes"],
@@ -424,16 +456,25 @@ def run(config: PipelineConfig, run_dir: str | Path) -> dict:
     episodes = timed("data", prepare_data, config)
     tokenizer = timed("tokenizer", train_tokenizer_stage, config, episodes, run_dir, device)
     pretrain_dir = timed("pretrain", pretrain_stage, config, episodes, tokenizer, run_dir)
+    greedy = {}
     mle = timed("eval_mle", eval_stage, config, pretrain_dir / "model", episodes, tokenizer, run_dir / "eval_mle")
+    if config.eval_greedy:
+        greedy["mle"] = timed("eval_mle_greedy", eval_stage, config, pretrain_dir / "model", episodes, tokenizer,
+                              run_dir / "eval_mle_greedy", True)
     rl_dir = timed("rl", rl_stage, config, tokenizer, pretrain_dir, run_dir)
     rlvr = timed("eval_rlvr", eval_stage, config, rl_dir / "model", episodes, tokenizer, run_dir / "eval_rlvr")
-    summary = summarize(config, mle, rlvr, seconds)
+    if config.eval_greedy:
+        greedy["rlvr"] = timed("eval_rlvr_greedy", eval_stage, config, rl_dir / "model", episodes, tokenizer,
+                               run_dir / "eval_rlvr_greedy", True)
+    summary = summarize(config, mle, rlvr, seconds, greedy)
     files.write_json(run_dir / RESULT_FILE, summary)
     return summary
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
     rows = {**summary["baselines"], "mle": summary["mle"], "rlvr": summary["rlvr"]}
+    rows.update({f"{model} greedy": row for model, row in summary.get("greedy", {}).items()})
+    rows.update({f"{model} no-repeat": row for model, row in summary.get("no_repeat", {}).items()})
     if summary["best_of_n"]["mle"]:
         group = summary["best_of_n"]["group_size"]
         for kind in ("best", "mean"):

@@ -589,6 +589,9 @@ class PretrainConfig(RunConfig):
     model: str = option("small", "model size: 'small' (CPU-sized) or 'base' (the paper's 120M)",
                          choices=MODEL_SIZES)
     model_overrides: dict = option({}, "WorldModelConfig fields over the size's, as JSON", type=json.loads)
+    copy_prior: bool = option(False, "a fresh model gets the learned copy prior: each frame token's input also "
+                                      "embeds the id at its place in the previous frame (WorldModelConfig."
+                                      "copy_prior_offset)")
     init_from: str = option("", "start from this Hugging Face LlamaForCausalLM directory instead")
     attention_backend: str = option("auto", "attention kernels", choices=ATTENTION_BACKENDS)
     steps: int = option(1000, "optimizer steps of the whole schedule")
@@ -677,6 +680,8 @@ def build_world_model(config: PretrainConfig, layout: SequenceLayout) -> WorldMo
         model = checkpoint.load_model(config.init_from, "init_from", attention_backend=config.attention_backend)
     else:
         sizes = dict(vocab_size=layout.vocab_size, max_position_embeddings=max(layout.seq_len, 8192))
+        if getattr(config, "copy_prior", False):  # rlvrw rl's fresh models have none
+            sizes["copy_prior_offset"] = layout.copy_offset
         sizes.update(config.model_overrides)
         model_config = WorldModelConfig.small(**sizes) if config.model == "small" else WorldModelConfig(**sizes)
         model = WorldModelTransformer(model_config, attention_backend=config.attention_backend)

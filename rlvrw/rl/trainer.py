@@ -5,7 +5,8 @@ optimizer step:
 
     clips: prompts + true responses ──► GroupSampler: G responses per prompt (one prefill per prompt, CUDA graph)
       ──► FrameRenderer: predicted frames (FSQ table gather + fused decoder); the true frames likewise
-      ──► ops.l1_lpips_reward against the true frames (their LPIPS features computed once per group)
+      ──► ops.frame_reward against the true frames (``reward``: -(L1 + LPIPS) by default, or any metric or weighted
+          sum; LPIPS features of the truth computed once per group), each term returned for the logs
       ──► ops.group_advantages: (r - mean_g) / (std_g + eps), unbiased std
       ──► per micro-batch: reference log-probs (frozen copy, bf16), policy log-probs and entropies
           (ops.linear_token_logprobs), ops.grpo_loss with the global token count ──► backward
@@ -141,7 +142,9 @@ class RLConfig(RunConfig):
                             choices=OLD_LOGP_SOURCES)
     ref_dtype: str = option("bf16", "dtype of the frozen reference model", choices=tuple(REFERENCE_DTYPES))
     ref_offload: bool = option(False, "on a GPU, keep the reference model in host memory between uses")
-    l1_weight: float = option(1.0, "reward = -(l1_weight * L1 + lpips_weight * LPIPS)")
+    reward: str = option("l1+lpips", "the reward (ops.frame_reward's metric): mae, mse, psnr, ssim, lpips, l1+lpips, "
+                                      "or a weighted sum such as 'mae+0.5*lpips'")
+    l1_weight: float = option(1.0, "reward l1+lpips = -(l1_weight * L1 + lpips_weight * LPIPS)")
     lpips_weight: float = option(1.0, "see l1_weight")
     lpips_net: str = option("vgg", "LPIPS backbone", choices=LPIPS_NETS)
     lpips_weights: str = option("", "LPIPS weights file (default: rlvrw's cache; 'random': untrained, tests only)")
@@ -185,8 +188,9 @@ class RLConfig(RunConfig):
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.l1_weight == 0 and self.lpips_weight == 0:
-            raise ValueError("l1_weight and lpips_weight are both 0: the reward would be constant")
+        if not any(self.reward_weights().values()):
+            raise ValueError(f"every weight of the reward {self.reward!r} is 0 (l1_weight, lpips_weight): the reward "
+                             "would be constant")
         for name, choices in (("model", MODEL_SIZES), ("attention_backend", ATTENTION_BACKENDS),
                               ("kl_type", KL_TYPES), ("loss_agg", LOSS_AGGS), ("adv_scale", ADVANTAGE_SCALES),
                               ("old_logp", OLD_LOGP_SOURCES), ("ref_dtype", tuple(REFERENCE_DTYPES)),
@@ -202,6 +206,15 @@ class RLConfig(RunConfig):
         if self.stop_at_step > self.steps:
             raise ValueError(f"stop_at_step ({self.stop_at_step}) must be at most steps ({self.steps})")
         ops.GRPOOptions(**self.loss_options())  # the loss's own checks (clip ranges), now rather than at step 1
+
+    def reward_weights(self) -> dict[str, float]:
+        """``ops.frame_reward``'s metric weights: ``l1_weight`` and ``lpips_weight`` for l1+lpips, else the
+        reward's own (ValueError naming the choices for an unknown metric)."""
+        from rlvrw.ops.reward import reward_weights
+
+        if self.reward == "l1+lpips":
+            return {"mae": self.l1_weight, "lpips": self.lpips_weight}
+        return reward_weights(self.reward)
 
     def loss_options(self) -> dict:
         """The keyword options of ``ops.grpo_loss`` (the global token count is added per step)."""
@@ -387,7 +400,9 @@ class PhaseTimer:
 
 # The per-step sums that ``train_step`` returns, in the order ``reduce_metrics`` all-reduces them: sums over samples,
 # then loss terms already divided by the global token count (their sum over ranks is the global mean).
-SAMPLE_SUMS = ("reward", "reward_sq", "reward_l1", "reward_lpips", "repetition", "samples")
+# Each term of the reward, ``reward_<metric>``, is there when the reward has it.
+REWARD_TERMS = ("reward_mae", "reward_mse", "reward_psnr", "reward_ssim", "reward_lpips")
+SAMPLE_SUMS = ("reward", "reward_sq", "reward_l1", *REWARD_TERMS, "repetition", "samples")
 TOKEN_MEANS = ("loss", "pg_loss", "kl", "clip_frac", "clip_frac_lower", "approx_kl", "entropy", "logp_gap")
 SUMMED = SAMPLE_SUMS + TOKEN_MEANS
 
@@ -395,7 +410,8 @@ SUMMED = SAMPLE_SUMS + TOKEN_MEANS
 class GRPOTrainer:
     """GRPO steps of a world model (see the module doc). Holds the policy, its data-parallel wrapper, the optimizer
     and learning-rate schedule, the sampler (on a bf16 copy of the policy when training autocasts to bf16, else on
-    the policy itself), the frozen reference (when ``kl_coef`` > 0) and the reward's decoder and LPIPS network.
+    the policy itself), the frozen reference (when ``kl_coef`` > 0) and the reward's decoder and LPIPS network
+    (None when the reward has no LPIPS term).
 
     ``policy``, ``tokenizer`` and ``lpips`` must be on ``context.device``. Build the trainer before loading a
     checkpoint into the policy: the reference is copied from the policy here.
@@ -404,6 +420,7 @@ class GRPOTrainer:
     def __init__(self, config: RLConfig, policy: WorldModelTransformer, layout: SequenceLayout,
                  tokenizer: nn.Module, lpips: nn.Module, context: distributed.DistributedContext):
         self.config, self.policy, self.layout, self.lpips, self.context = config, policy, layout, lpips, context
+        self.reward_weights = config.reward_weights()
         device = context.device
         self.dtype = autocast_dtype(config.precision, device)
         self.reference = None
@@ -451,17 +468,17 @@ class GRPOTrainer:
             predicted, truth = self.renderer(rollout.ids), self.renderer(sequences)
             timer.mark("decode")
             with torch.no_grad():
-                rewards = ops.l1_lpips_reward(predicted, truth, group, self.lpips, config.l1_weight,
-                                              config.lpips_weight, frame_reduction="mean")
+                rewards, terms = ops.frame_reward(predicted, truth, group, self.reward_weights, self.lpips,
+                                                  frame_reduction="mean", return_terms=True)
                 l1 = mean_abs_error(predicted, truth, group)
-                lpips = (-rewards - config.l1_weight * l1) / config.lpips_weight if config.lpips_weight else 0 * l1
                 advantages = ops.group_advantages(rewards, group, config.adv_eps, config.adv_scale)
             timer.mark("reward")
             sums = self.update(rollout, advantages, step + 1)
             timer.mark("update")
         # float64: the std comes from E[r^2] - E[r]^2 over every rank, which cancels most of fp32's digits
+        sums.update({f"reward_{name}": value.sum() for name, value in terms.items()})
         sums.update(reward=rewards.double().sum(), reward_sq=rewards.double().square().sum(), reward_l1=l1.sum(),
-                    reward_lpips=lpips.sum(), repetition=repeated_frames(layout, rollout.ids).sum(),
+                    repetition=repeated_frames(layout, rollout.ids).sum(),
                     samples=torch.full((), float(rewards.numel()), device=rewards.device))
         return sums, timer
 
@@ -518,15 +535,16 @@ def reduce_metrics(sums: dict[str, torch.Tensor], timer: PhaseTimer | None = Non
     and a host sync): reward mean and std (over all samples), its L1 and LPIPS parts, repetition rate, the loss
     terms, entropy, ``logp_gap`` (mean |trainer - sampler| log-prob), the gradient norm and, with ``timer``, the
     seconds of each phase (rank 0's)."""
-    totals = distributed.all_reduce_sum(torch.stack([sums[name].double() for name in SUMMED])).tolist()
-    total = dict(zip(SUMMED, totals))
+    names = [name for name in SUMMED if name in sums]  # every rank has the same reward terms
+    totals = distributed.all_reduce_sum(torch.stack([sums[name].double() for name in names])).tolist()
+    total = dict(zip(names, totals))
     samples = total.pop("samples")
     mean = total["reward"] / samples
     metrics = {
         "reward_mean": mean,
         "reward_std": max(total["reward_sq"] / samples - mean * mean, 0.0) ** 0.5,
         "reward_l1": total["reward_l1"] / samples,
-        "reward_lpips": total["reward_lpips"] / samples,
+        **{name: total[name] / samples for name in REWARD_TERMS if name in total},
         "repetition_rate": total["repetition"] / samples,
     }
     metrics.update({name: total[name] for name in TOKEN_MEANS})
@@ -577,7 +595,8 @@ def _train(config: RLConfig, context: distributed.DistributedContext) -> dict:
     torch.manual_seed(config.seed)
     policy = build_world_model(config, layout).to(device)
     tokenizer = load_tokenizer(config.tokenizer, map_location=device).requires_grad_(False)
-    trainer = GRPOTrainer(config, policy, layout, tokenizer, load_lpips(config, device), context)
+    lpips = load_lpips(config, device) if "lpips" in config.reward_weights() else None
+    trainer = GRPOTrainer(config, policy, layout, tokenizer, lpips, context)
 
     start_step, found = checkpoint.start_or_resume(checkpoint_dir, out_dir, config, policy, trainer.optimizer,
                                                    trainer.scheduler, context.is_main)
