@@ -58,6 +58,15 @@ for cls, package in ((sim.PushTEpisodes, "gym-pusht"), (sim.MetaWorldEpisodes, "
 clips = rt1.EpisodeClips({str(DATA / 'video')!r}, split="all", actions=False)
 assert clips[0]["frames"].shape[0] == rt1.SINGLE_STEP_FRAMES  # episodes from files need no simulator
 """),
+    "plot": (["matplotlib"], """
+from rlvrw.rl import experiment
+try:
+    experiment.plot("best_of_n", {}, None)
+except ImportError as exc:
+    assert "rlvrw[plot]" in str(exc), exc
+else:
+    raise AssertionError("plotted without matplotlib")
+"""),
     "train": (["tensorboard"], """
 import json, tempfile
 from pathlib import Path

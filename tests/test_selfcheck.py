@@ -9,7 +9,7 @@ from rlvrw import cli, selfcheck
 
 EVERY_OP = {"token_logprobs", "linear_token_logprobs", "group_advantages", "grpo_loss", "grpo_loss_from_logits",
             "fsq_quantize", "fsq_codes_to_indices", "fsq_indices_to_codes", "fsq_dequantize", "group_norm_silu",
-            "decode_fast", "l1_lpips_reward"}
+            "decode_fast", "l1_lpips_reward", "frame_reward"}
 
 
 def test_selfcheck_covers_every_op_and_passes():

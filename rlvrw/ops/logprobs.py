@@ -122,6 +122,8 @@ def _autocast_off(method):
     @functools.wraps(method)
     def wrapped(ctx, *args):
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if not torch.amp.is_autocast_available(device.type):  # meta tensors (the ahead-of-time compile check)
+            return method(ctx, *args)
         with torch.autocast(device.type, enabled=False):
             return method(ctx, *args)
 
@@ -206,7 +208,7 @@ def linear_token_logprobs(
     """
     _checks.tensor("hidden", hidden, dims=(2, 3))
     _checks.tensor("weight", weight, dims=(2,))
-    if torch.is_autocast_enabled(hidden.device.type):
+    if torch.amp.is_autocast_available(hidden.device.type) and torch.is_autocast_enabled(hidden.device.type):
         # as an output Linear under autocast: the matmuls in autocast's dtype (the casts are differentiable)
         low = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(low), weight.to(low)

@@ -183,7 +183,10 @@ def run(config, work_dir: Path, out_dir: Path, seeds, parts=PARTS) -> dict:
                   "mean": mean_over_seeds(per_seed), "settings": settings}
         files.write_json(out_dir / f"{part}.json", result)
         written[part] = result
-        plot(part, result, out_dir / f"{part}.png")
+        try:
+            plot(part, result, out_dir / f"{part}.png")
+        except ImportError as err:  # matplotlib is optional: the JSON above is the result, the PNG only its picture
+            print(f"rlvrw experiment: {err}; {part}.png not written", file=sys.stderr)
     return written
 
 
