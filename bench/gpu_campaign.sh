@@ -39,7 +39,7 @@ OUT=${OUT:-$REPO/bench/results}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/rlvrw-campaign.XXXXXX")
 START=$(date +%s)
 export PIP_ROOT_USER_ACTION=ignore
-export TRITON_INTERPRET=0  # some test modules set 1 when it is unset: on a GPU the kernels must compile
+export TRITON_INTERPRET=0  # on a GPU the kernels must compile, even where the calling shell exports 1
 
 # ---- what each stage runs ------------------------------------------------------------------------------------------
 # Most important first. Budgets are estimates (nothing has run on a GPU yet): campaign.log records what each took.

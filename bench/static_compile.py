@@ -249,6 +249,24 @@ def _reward_cases(ops, bench_reward):
     }
 
 
+def _frame_reward_cases(ops, bench_reward):
+    """frame_reward's pixel metrics at the bench's shapes (``test_frame_reward_pixels``: its metrics, the full
+    prompts x group at H x W), forward as the bench times it and backward (the reward is differentiable in pred), on
+    fp32 and bf16 frames (the kernels compute in fp32 for both: bf16 frames are widened first)."""
+    dims = bench_reward.FULL
+    B, G, H, W = dims["prompts"], dims["group"], dims["height"], dims["width"]
+    cases = {}
+    for metric in bench_reward.PIXEL_METRICS:
+        for dname, dtype in _DTYPES.items():
+
+            def reward(metric=metric, dtype=dtype):
+                pred = _meta(B * G, 3, H, W, dtype=dtype, grad=True)
+                ops.frame_reward(pred, _meta(B, 3, H, W, dtype=dtype), G, metric, backend="triton").sum().backward()
+
+            cases[f"frame_reward {metric} {B}x{G} {H}x{W} {dname}, backward"] = reward
+    return cases
+
+
 def cases() -> dict:
     """{case label: a callable that runs the ops of that case on meta tensors}."""
     import rlvrw.ops as ops
@@ -259,6 +277,7 @@ def cases() -> dict:
         **_fsq_cases(ops, _bench_module("test_bench_fsq")),
         **_group_norm_cases(ops, _bench_module("test_bench_group_norm")),
         **_reward_cases(ops, _bench_module("test_bench_reward")),
+        **_frame_reward_cases(ops, _bench_module("test_bench_reward")),
     }
 
 

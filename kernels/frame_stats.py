@@ -63,7 +63,7 @@ def _pixel_offsets(i, H, W, s_c, s_h, s_w):
 @triton.jit
 def _frame_stats_fwd_kernel(
     pred_ptr, target_ptr, pm_ptr, tm_ptr, out_ptr,
-    G, F, H, W, n_win, n_split, inv_pix: "fp64", inv_win: "fp64", c1: "fp64", c2: "fp64",
+    G, F, H, W, n_win, n_split, inv_pix: tl.float64, inv_win: tl.float64, c1: tl.float64, c2: tl.float64,
     sp_n, sp_c, sp_h, sp_w, st_n, st_c, st_h, st_w,
     WITH_SSIM: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -108,7 +108,7 @@ def _frame_stats_fwd_kernel(
 @triton.jit
 def _frame_stats_bwd_kernel(
     pred_ptr, target_ptr, pm_ptr, tm_ptr, grad_ptr, grad_pred_ptr, grad_pm_ptr,
-    G, F, H, W, n_win, inv_pix: "fp64", inv_win: "fp64", c1: "fp64", c2: "fp64",
+    G, F, H, W, n_win, inv_pix: tl.float64, inv_win: tl.float64, c1: tl.float64, c2: tl.float64,
     sp_n, sp_c, sp_h, sp_w, st_n, st_c, st_h, st_w,
     WITH_SSIM: tl.constexpr, BLOCK: tl.constexpr,
 ):

@@ -6,9 +6,12 @@ CUDA torch without nvcc); every ``backend="cuda"`` path then runs these kernels 
 The kernels read and write the torch tensors in place: a launch passes their device pointers (``data_ptr()``) and
 torch's current stream straight to ``cuLaunchKernel``, so nothing is copied or converted and CUDA graphs capture it.
 What the C launchers in the .cu files do on the host (argument checks, launch shape, grid) is restated here:
-``SHAPES``, ``grid_for``, ``row_grid``, ``elementwise_grid`` and ``gather_unit``, with the limits read from the
-sources' constants (tests check them against the C code). Arguments are packed by parameter name in the order and C
-types of each kernel's declaration (``rlvrw._nvrtc_source.kernels``).
+``SHAPES``, ``grid_for``, ``valid_layout``, ``row_start``, ``row_grid``, ``elementwise_grid`` and ``gather_unit``, with
+the limits read from the sources' constants (tests check them against the C code), and so is the glue of
+``csrc/ops.cpp``: its checks, and ``rows_of``, which passes (N, V) or (B, T, V) logits with any strides but a unit one
+along V (a ``[:, :-1]`` slice) as the kernels' ``RowLayout``, without a copy. Arguments are packed by parameter
+name in the order and C types of each kernel's declaration (``rlvrw._nvrtc_source.kernels``), a struct's fields by
+name too.
 
 Bound (csrc as of this file): ``logits_forward_kernel<T, THREADS, BLOCK, kEntropy>``,
 ``logits_backward_kernel<T, THREADS, BLOCK, kEntropy>``, ``fsq_quantize_kernel<T>``,
@@ -84,6 +87,20 @@ def row_grid(n_rows: int) -> int:
 def elementwise_grid(n: int, threads: int) -> int:
     per_block = threads * constant("kFsqElementsPerThread")
     return int(min(max((n + per_block - 1) // per_block, 1), constant("kMaxGridBlocks")))
+
+
+def valid_layout(n_rows: int, vocab: int, rows_per_seq: int, seq_stride: int, row_stride: int) -> bool:
+    """valid_layout of csrc/logits_common.cuh: at least one row per sequence, non-negative strides, and rows of one
+    sequence that do not overlap."""
+    if rows_per_seq < 1 or seq_stride < 0 or row_stride < 0:
+        return False
+    return min(n_rows, rows_per_seq) <= 1 or row_stride >= vocab
+
+
+def row_start(row: int, layout: dict[str, int]) -> int:
+    """row_start of csrc/logits_common.cuh: the element offset of row ``row`` in a RowLayout."""
+    seq = row // layout["rows_per_seq"]
+    return seq * layout["seq_stride"] + (row - seq * layout["rows_per_seq"]) * layout["row_stride"]
 
 
 def gather_unit(table_ptr: int, out_ptr: int, row_bytes: int) -> tuple[int, str]:
@@ -176,7 +193,13 @@ def pack(param: source.Param, value, unit: str):
     if param.type in C_TYPES:
         return C_TYPES[param.type](value)
     if param.type in source.structs(unit):
-        return struct_type(unit, param.type)(*value)
+        if not isinstance(value, dict):
+            return struct_type(unit, param.type)(*value)
+        fields = [f for _, f in source.structs(unit)[param.type]]
+        if set(value) != set(fields):
+            raise TypeError(f"{param.type} {param.name} has fields ({', '.join(fields)}); the glue passes "
+                            f"({', '.join(value)}): update rlvrw._C_cupy to the struct")
+        return struct_type(unit, param.type)(**value)
     raise TypeError(f"kernel parameter {param.name} has type {param.type}, which rlvrw._C_cupy cannot pack")
 
 
@@ -194,49 +217,75 @@ def _type_name(dtype: torch.dtype) -> str:
     return TYPE_NAMES[dtype]
 
 
+def rows_of(t: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """(N, V) or (B, T, V) logits as rows of a (B, T) grid (rows_of in ops.cpp): the row count and the kernels'
+    RowLayout, so that the [:, :-1] slice of a (B, T + 1, V) tensor is read in place."""
+    if t.dim() == 2:
+        return t.size(0), dict(rows_per_seq=max(t.size(0), 1), seq_stride=0, row_stride=t.stride(0))
+    return t.size(0) * t.size(1), dict(rows_per_seq=max(t.size(1), 1), seq_stride=t.stride(0), row_stride=t.stride(1))
+
+
+def rows_extent_bytes(t: torch.Tensor) -> int:
+    """One past the last element of the rows, in bytes from the data pointer (for the overlap check)."""
+    last = t.size(-1) + sum((t.size(d) - 1) * t.stride(d) for d in range(t.dim() - 1))
+    return last * t.element_size()
+
+
 def _check_logits(t: torch.Tensor, name: str) -> None:
     _check(t.device.type == DEVICE_TYPE, f"{name} must be a CUDA tensor, got {t.device}")
-    _check(t.dim() == 2, f"{name} must be 2-D (N, V), got shape {tuple(t.shape)}")
-    _check(t.size(1) <= 1 or t.stride(1) == 1, f"{name} must be contiguous in its last dim, got {t.stride()}")
-    _check(t.size(0) <= 1 or t.size(1) == 0 or t.stride(0) >= t.size(1), f"{name} rows overlap")
-    _check(t.size(1) <= 2**31 - 1, "vocabulary larger than 2^31-1 is not supported")
+    _check(t.dim() in (2, 3), f"{name} must be (N, V) or (B, T, V), got shape {tuple(t.shape)}")
+    _check(t.size(-1) <= 1 or t.stride(-1) == 1, f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+    _check(all(t.stride(d) >= 0 for d in range(t.dim() - 1)), f"{name} has a negative stride: {t.stride()}")
+    row_dim = t.dim() - 2
+    _check(t.size(row_dim) <= 1 or t.size(-1) == 0 or t.stride(row_dim) >= t.size(-1),
+           f"{name} rows overlap (stride {t.stride(row_dim)} < V = {t.size(-1)})")
+    _check(t.size(-1) <= 2**31 - 1, "vocabulary larger than 2^31-1 is not supported")
 
 
 def _per_row(t: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    n = rows_of(logits)[0]
     _check(t.device == logits.device, f"{name} must be on {logits.device}, got {t.device}")
     _check(t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}")
-    _check(t.dim() == 1 and t.size(0) == logits.size(0), f"{name} must have shape ({logits.size(0)},)")
+    _check(t.dim() == 1 and t.size(0) == n, f"{name} must have shape ({n},), got {tuple(t.shape)}")
     return t.contiguous()
+
+
+def _check_launch(ok: bool, function: str) -> None:
+    """What check_cuda in ops.cpp reports when the C API refuses its arguments (cudaErrorInvalidValue)."""
+    _check(ok, f"{function} failed: invalid argument")
 
 
 def logits_forward(logits, tokens, inv_temperature, with_entropy):
     _check_logits(logits, "logits")
     type_name = _type_name(logits.dtype)
     tok = _per_row(tokens, logits, torch.int64, "tokens")
-    n, v = logits.shape
+    n, layout = rows_of(logits)
+    v = logits.size(-1)
     logp = torch.empty(n, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
     if n == 0:
         return logp, lse, entropy
+    _check_launch(valid_layout(n, v, **layout), "rlvrw_logits_forward")
     threads, block = logits_shape(v)
     _launch("logits_forward_kernel", (type_name, threads, block, bool(with_entropy)), grid_for(n, block // threads),
-            block, 0, logits, logits=logits.data_ptr(), n_rows=n, vocab=v, row_stride=logits.stride(0),
-            tokens=tok.data_ptr(), inv_t=float(inv_temperature), logp=logp.data_ptr(), lse=lse.data_ptr(),
+            block, 0, logits, logits=logits.data_ptr(), n_rows=n, vocab=v, layout=layout, tokens=tok.data_ptr(),
+            inv_t=float(inv_temperature), logp=logp.data_ptr(), lse=lse.data_ptr(),
             entropy=entropy.data_ptr() if with_entropy else 0)
     return logp, lse, entropy
 
 
 def _check_no_partial_overlap(logits: torch.Tensor, grad: torch.Tensor) -> None:
-    n, v = logits.shape
+    """In place (the same buffer, same layout) or into a buffer that does not overlap the logits at all."""
     if grad.data_ptr() == logits.data_ptr():
-        _check(n <= 1 or grad.stride(0) == logits.stride(0), "in-place grad_logits must have the logits' strides")
+        (_, layout), (_, grad_layout) = rows_of(logits), rows_of(grad)
+        _check(grad_layout["seq_stride"] == layout["seq_stride"] and grad_layout["row_stride"] == layout["row_stride"],
+               "in-place grad_logits must have the logits' strides")
         return
     if grad.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
         return
-    size = logits.element_size()
     lo_a, lo_b = logits.data_ptr(), grad.data_ptr()
-    hi_a, hi_b = lo_a + ((n - 1) * logits.stride(0) + v) * size, lo_b + ((n - 1) * grad.stride(0) + v) * size
+    hi_a, hi_b = lo_a + rows_extent_bytes(logits), lo_b + rows_extent_bytes(grad)
     _check(hi_a <= lo_b or hi_b <= lo_a,
            "grad_logits partially overlaps logits; pass logits itself for an in-place backward")
 
@@ -245,8 +294,10 @@ def logits_backward_(logits, tokens, inv_temperature, lse, grad_logp, entropy, g
     _check_logits(logits, "logits")
     _check_logits(grad_logits, "grad_logits")
     type_name = _type_name(logits.dtype)
-    _check(grad_logits.dtype == logits.dtype, f"grad_logits must have the logits dtype {logits.dtype}")
-    _check(grad_logits.shape == logits.shape, f"grad_logits must have the logits shape {tuple(logits.shape)}")
+    _check(grad_logits.dtype == logits.dtype, f"grad_logits must have the logits dtype {logits.dtype}, "
+           f"got {grad_logits.dtype}")
+    _check(grad_logits.shape == logits.shape, f"grad_logits must have the logits shape {tuple(logits.shape)}, "
+           f"got {tuple(grad_logits.shape)}")
     _check(grad_logits.device == logits.device, f"grad_logits must be on {logits.device}")
     tok = _per_row(tokens, logits, torch.int64, "tokens")
     lse_c = _per_row(lse, logits, torch.float32, "lse")
@@ -256,16 +307,18 @@ def logits_backward_(logits, tokens, inv_temperature, lse, grad_logp, entropy, g
         _check(entropy is not None, "logits_backward_ needs the forward's entropy when grad_entropy is given")
         ent_c = _per_row(entropy, logits, torch.float32, "entropy")
         ge_c = _per_row(grad_entropy, logits, torch.float32, "grad_entropy")
-    n, v = logits.shape
+    (n, layout), (_, grad_layout) = rows_of(logits), rows_of(grad_logits)
+    v = logits.size(-1)
     if n == 0 or v == 0:
         return
     _check_no_partial_overlap(logits, grad_logits)
+    _check_launch(valid_layout(n, v, **layout) and valid_layout(n, v, **grad_layout), "rlvrw_logits_backward")
     threads, block = logits_shape(v)
     _launch("logits_backward_kernel", (type_name, threads, block, with_entropy), grid_for(n, block // threads),
-            block, 0, logits, logits=logits.data_ptr(), row_stride=logits.stride(0), grad=grad_logits.data_ptr(),
-            grad_row_stride=grad_logits.stride(0), n_rows=n, vocab=v, tokens=tok.data_ptr(),
-            inv_t=float(inv_temperature), lse=lse_c.data_ptr(), grad_logp=glp.data_ptr(),
-            entropy=ent_c.data_ptr() if with_entropy else 0, grad_entropy=ge_c.data_ptr() if with_entropy else 0)
+            block, 0, logits, logits=logits.data_ptr(), layout=layout, grad=grad_logits.data_ptr(),
+            grad_layout=grad_layout, n_rows=n, vocab=v, tokens=tok.data_ptr(), inv_t=float(inv_temperature),
+            lse=lse_c.data_ptr(), grad_logp=glp.data_ptr(), entropy=ent_c.data_ptr() if with_entropy else 0,
+            grad_entropy=ge_c.data_ptr() if with_entropy else 0)
 
 
 def _check_rows(t: torch.Tensor, name: str) -> None:

@@ -1,5 +1,8 @@
 """Backend choice per call, the environment override, and the report for bug reports."""
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,6 +40,20 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         _backend.resolve("grpo_loss", CPU, "triton")
+
+
+def test_no_test_module_turns_the_interpreter_on_unconditionally():
+    """TRITON_INTERPRET=1 set at a module's import on a GPU machine makes every kernel defined after it run
+    interpreted (and CPU-tensor tests pass there by accident): tests/conftest.py sets it only without CUDA, and a
+    module that sets it too must do so under such a condition (an ``if`` at module level)."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted([*root.glob("tests/*.py"), *root.glob("bench/*.py")]):
+        for stmt in ast.parse(path.read_text()).body:  # statements run at import, outside any if
+            if isinstance(stmt, (ast.Expr, ast.Assign, ast.AugAssign)) and "TRITON_INTERPRET" in ast.unparse(stmt) \
+                    and "environ" in ast.unparse(stmt):
+                offenders.append(f"{path.relative_to(root)}:{stmt.lineno}")
+    assert not offenders, offenders
 
 
 def test_cuda_backend_errors_say_why(monkeypatch):

@@ -3,8 +3,9 @@
 CPU (always): the sources NVRTC gets are device code only and complete (nvcc compiles them to exactly the kernels the
 glue instantiates; the real NVRTC too where its library is found); the glue's op signatures equal csrc/ops.cpp's
 schemas; with cupy faked, each op launches the kernel, template, grid, block and shared memory the C launcher would,
-with every argument packed as the kernel declares it; a kernel that gains a parameter fails with its name; the loader
-registers the ops as the ``cuda`` backend and says why when it cannot.
+with every argument packed as the kernel declares it (strided (B, T, V) logits as a row layout, not copied); the
+host helpers equal the C ones compiled with nvcc; a kernel that gains a parameter (a struct that renames a field)
+fails with its name; the loader registers the ops as the ``cuda`` backend and says why when it cannot.
 GPU (``gpu``): the GPU tests of the extension's ops run again against the NVRTC-compiled kernels (rlvrw._C hidden),
 and the ``cuda`` backend of the public ops matches the reference, gradients included.
 """
@@ -161,6 +162,44 @@ def test_launch_geometry_restates_the_c_launchers():
     assert C.gather_unit(64, 128, 10) == (2, "uint16_t") and C.gather_unit(64, 128, 32) == (16, "uint4")
 
 
+LAYOUT_PROBE = r"""
+#include "logits_common.cuh"
+#include <cstdio>
+using namespace rlvrw::detail;
+int main() {
+  const long long cases[][5] = {CASES};
+  for (const auto& c : cases) {
+    const RowLayout l{c[2], c[3], c[4]};
+    const bool ok = valid_layout(c[0], c[1], c[2], c[3], c[4]);
+    std::printf("%d %lld %lld %u\n", ok ? 1 : 0, ok ? (long long)row_start(c[0] - 1, l) : -1LL,
+                ok ? (long long)row_start(c[0] / 2, l) : -1LL, grid_for(c[0], 8));
+  }
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_row_layout_helpers_restate_the_c_ones(tmp_path):
+    """valid_layout, row_start and grid_for against the C functions of logits_common.cuh, compiled for the host."""
+    cases = [(n, v, per_seq, seq, row) for n in (1, 2, 15, 2 * 10**7) for v in (0, 1, 1001)
+             for per_seq in (0, 1, 5, n) for seq in (-1, 0, 6006) for row in (-3, 0, 1000, 1001)]
+    src = tmp_path / "probe.cu"
+    src.write_text(LAYOUT_PROBE.replace("CASES", ", ".join("{%d, %d, %d, %d, %d}" % c for c in cases)))
+    exe = tmp_path / "probe"
+    build = subprocess.run([NVCC, "-std=c++17", f"-I{ROOT / 'csrc'}", "-o", str(exe), str(src)], capture_output=True,
+                           text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    assert len(lines) == len(cases)
+    for (n, v, per_seq, seq, row), line in zip(cases, lines):
+        ok = C.valid_layout(n, v, per_seq, seq, row)
+        layout = dict(rows_per_seq=per_seq, seq_stride=seq, row_stride=row)
+        starts = (C.row_start(n - 1, layout), C.row_start(n // 2, layout)) if ok else (-1, -1)
+        assert line.split() == [str(int(ok)), *map(str, starts), str(C.grid_for(n, 8))], (n, v, per_seq, seq, row)
+    assert sum(C.valid_layout(*c) for c in cases) not in (0, len(cases))
+
+
 class FakeCupy(types.ModuleType):
     """cupy's surface that rlvrw._C_cupy uses: RawModule compiles nothing, launchKernel decodes its arguments."""
 
@@ -227,7 +266,7 @@ def test_logits_ops_launch_what_the_c_launcher_would(fake):
     assert launch["expression"] == "rlvrw::detail::logits_forward_kernel<float, 32, 256, true>"
     assert launch["grid"] == (1, 1, 1) and launch["block"] == (256, 1, 1) and launch["shared_mem"] == 0
     assert launch["stream"] == 777 and launch["extra"] == 0
-    assert launch["args"] == dict(logits=logits.data_ptr(), n_rows=5, vocab=1000, row_stride=1003,
+    assert launch["args"] == dict(logits=logits.data_ptr(), n_rows=5, vocab=1000, layout=(5, 0, 1003),
                                   tokens=tokens.data_ptr(), inv_t=pytest.approx(1 / 0.7), logp=logp.data_ptr(),
                                   lse=lse.data_ptr(), entropy=entropy.data_ptr())
     assert logp.shape == lse.shape == entropy.shape == (5,) and logp.dtype == torch.float32
@@ -250,14 +289,55 @@ def test_logits_ops_launch_what_the_c_launcher_would(fake):
     C.logits_backward_(half, tokens, 2.0, lse, g, ent, ge, half)  # in place, with the entropy term
     launch = fake.launches[-1]
     assert launch["expression"] == "rlvrw::detail::logits_backward_kernel<__half, 256, 256, true>"
-    assert launch["args"] == dict(logits=half.data_ptr(), row_stride=9000, grad=half.data_ptr(), grad_row_stride=9000,
-                                  n_rows=4, vocab=9000, tokens=tokens.data_ptr(), inv_t=2.0, lse=lse.data_ptr(),
-                                  grad_logp=g.data_ptr(), entropy=ent.data_ptr(), grad_entropy=ge.data_ptr())
+    assert launch["args"] == dict(logits=half.data_ptr(), layout=(4, 0, 9000), grad=half.data_ptr(),
+                                  grad_layout=(4, 0, 9000), n_rows=4, vocab=9000, tokens=tokens.data_ptr(), inv_t=2.0,
+                                  lse=lse.data_ptr(), grad_logp=g.data_ptr(), entropy=ent.data_ptr(),
+                                  grad_entropy=ge.data_ptr())
     out = torch.empty(4, 9000, dtype=torch.float16)
     C.logits_backward_(half, tokens, 2.0, lse, g, None, None, out)
     launch = fake.launches[-1]
     assert launch["expression"].endswith("<__half, 256, 256, false>")
     assert launch["args"]["grad"] == out.data_ptr() and launch["args"]["grad_entropy"] == 0
+
+
+def test_strided_3d_logits_are_read_in_place_as_the_c_glue_passes_them(fake):
+    """logits[:, :-1] of a (B, T + 1, V) tensor: no copy, rows of a (B, T) grid (rows_of in ops.cpp), and the layout
+    puts every row where the tensor has it; the backward writes into a buffer with its own layout or in place."""
+    full = torch.randn(3, 6, 1001, dtype=torch.bfloat16)
+    logits = full[:, :-1]
+    assert not logits.is_contiguous()
+    tokens = torch.arange(15) * 60
+    logp, lse, entropy = C.logits_forward(logits, tokens, 1.0, True)
+    launch = fake.launches[-1]
+    assert launch["expression"] == "rlvrw::detail::logits_forward_kernel<__nv_bfloat16, 32, 256, true>"
+    assert launch["grid"] == (2, 1, 1)  # 15 rows, 8 per block
+    assert launch["args"]["logits"] == full.data_ptr() and launch["args"]["n_rows"] == 15
+    assert launch["args"]["layout"] == (5, 6 * 1001, 1001) and launch["args"]["vocab"] == 1001
+    layout = dict(zip(("rows_per_seq", "seq_stride", "row_stride"), launch["args"]["layout"]))
+    for row in range(15):
+        where = launch["args"]["logits"] + C.row_start(row, layout) * full.element_size()
+        assert where == logits[row // 5, row % 5].data_ptr(), row
+    assert logp.shape == lse.shape == entropy.shape == (15,)
+
+    from rlvrw.kernels.logprobs import empty_rows_like
+
+    out = empty_rows_like(logits)
+    C.logits_backward_(logits, tokens, 1.0, lse, torch.ones(15), entropy, torch.ones(15), out)
+    launch = fake.launches[-1]
+    assert launch["expression"] == "rlvrw::detail::logits_backward_kernel<__nv_bfloat16, 32, 256, true>"
+    assert launch["args"]["layout"] == (5, 6006, 1001) and launch["args"]["grad"] == out.data_ptr()
+    assert launch["args"]["grad_layout"] == (5, out.stride(0), out.stride(1))
+    grad_layout = dict(zip(("rows_per_seq", "seq_stride", "row_stride"), launch["args"]["grad_layout"]))
+    assert all(out.data_ptr() + C.row_start(r, grad_layout) * 2 == out[r // 5, r % 5].data_ptr() for r in range(15))
+    C.logits_backward_(logits, tokens, 1.0, lse, torch.ones(15), None, None, logits)  # in place
+    assert fake.launches[-1]["args"]["grad_layout"] == fake.launches[-1]["args"]["layout"] == (5, 6006, 1001)
+
+    one = full[:, :1]  # T = 1: one row per sequence, its row stride never used
+    C.logits_forward(one, tokens[:3], 1.0, False)
+    assert fake.launches[-1]["args"]["layout"] == (1, 6006, 1001) and fake.launches[-1]["args"]["n_rows"] == 3
+    count = len(fake.launches)
+    logp, _, _ = C.logits_forward(full[:, :0], tokens[:0], 1.0, False)  # T = 0: no rows, no launch
+    assert logp.shape == (0,) and len(fake.launches) == count
 
 
 def test_logits_ops_check_their_inputs_as_ops_cpp(fake):
@@ -276,6 +356,15 @@ def test_logits_ops_check_their_inputs_as_ops_cpp(fake):
         C.logits_backward_(buf[:4], tokens, 1.0, lse, logp, None, None, buf[1:])
     with pytest.raises(RuntimeError, match="CUDA tensor"):
         C.logits_forward(logits.to("meta"), tokens.to("meta"), 1.0, False)
+    with pytest.raises(RuntimeError, match=r"\(N, V\) or \(B, T, V\)"):
+        C.logits_forward(torch.randn(2, 2, 2, 10), tokens.repeat(2), 1.0, False)
+    with pytest.raises(RuntimeError, match=r"rows overlap \(stride 5 < V = 10\)"):
+        C.logits_forward(torch.randn(60).as_strided((2, 3, 10), (30, 5, 1)), tokens[:3].repeat(2), 1.0, False)
+    with pytest.raises(RuntimeError, match=r"tokens must have shape \(6,\)"):
+        C.logits_forward(torch.randn(2, 4, 10)[:, :-1], tokens, 1.0, False)  # B * T rows
+    with pytest.raises(RuntimeError, match="in-place grad_logits must have the logits' strides"):
+        C.logits_backward_(buf[:4], tokens, 1.0, lse, logp, None, None, buf.as_strided((4, 10), (11, 1)))
+    assert len(fake.launches) == 1  # only the valid forward above launched
 
 
 def test_fsq_ops_launch_what_the_c_launchers_would(fake):
@@ -330,6 +419,24 @@ def test_a_kernel_that_gains_a_parameter_fails_naming_it(fake, monkeypatch, tmp_
     try:
         assert [p.name for p in S.kernels("logits_forward.cu")["logits_forward_kernel"].params][5] == "tokens_stride"
         with pytest.raises(TypeError, match="tokens_stride"):
+            C.logits_forward(torch.randn(2, 8), torch.zeros(2, dtype=torch.long), 1.0, False)
+    finally:
+        monkeypatch.undo()
+        clear_source_caches()
+
+
+def test_a_struct_that_renames_a_field_fails_naming_it(fake, monkeypatch, tmp_path):
+    csrc = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", csrc)
+    path = csrc / "logits_common.cuh"
+    text = path.read_text()
+    assert text.count("int64_t rows_per_seq, seq_stride, row_stride;") == 1
+    path.write_text(text.replace("int64_t rows_per_seq, seq_stride, row_stride;",
+                                 "int64_t rows_per_seq, seq_stride, row_pitch;"))
+    monkeypatch.setattr(S, "csrc_dir", lambda: csrc)
+    clear_source_caches()
+    try:
+        with pytest.raises(TypeError, match="RowLayout layout has fields .*row_pitch"):
             C.logits_forward(torch.randn(2, 8), torch.zeros(2, dtype=torch.long), 1.0, False)
     finally:
         monkeypatch.undo()
@@ -445,11 +552,13 @@ def test_cuda_backend_ops_match_the_reference(dtype):
 
     torch.manual_seed(0)
     n, t, v = 3, 5, 1531  # odd vocabulary: scalar heads and tails around the vector loads
-    logits = (torch.randn(n, t, v, device="cuda") * 3).to(dtype)  # -inf logits: test_csrc_build's masked rows
+    # The [:, :-1] slice of a (B, T + 1, V) output, read in place (strided rows, misaligned row starts); -inf logits
+    # are test_csrc_build's masked rows.
+    logits = (torch.randn(n, t + 1, v, device="cuda") * 3).to(dtype)[:, :-1]
     tokens = torch.randint(0, v, (n, t), device="cuda")
     results = {}
     for backend in ("cuda", "reference"):
-        x = logits.detach().clone().requires_grad_()
+        x = logits.detach().clone().requires_grad_() if backend == "reference" else logits.detach().requires_grad_()
         logp, entropy = ops.token_logprobs(x, tokens, temperature=0.7, return_entropy=True, backend=backend)
         (logp * torch.linspace(-1, 1, t, device="cuda")).sum().add(entropy.sum()).backward()
         results[backend] = (logp.float(), entropy.float(), x.grad.float())

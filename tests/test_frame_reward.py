@@ -1,12 +1,11 @@
 """``rlvrw.ops.frame_reward``: every metric and weighted sums on both backends against the float64 reference
 (``rlvrw.reference.reward.frame_reward``, the ground truth repeated), gradients included; per sample equal to
-``rlvrw.eval.metrics`` (and so to scikit-image); the pixel-stats Triton kernels (interpreted on CPU) at awkward
-sizes, strides and dtypes with poisoned outputs; NaN kept per sample; the returned terms; bad inputs.
+``rlvrw.eval.metrics`` (and so to scikit-image); the pixel-stats Triton kernels at awkward sizes, strides and dtypes
+with poisoned outputs; NaN kept per sample; the returned terms; bad inputs.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1 before
+the kernels are imported); with one, the tests of the kernels and of the op's backends run compiled on CUDA tensors.
 """
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from rlvrw.reference import reward as ref
 
 BACKENDS = ("reference", "triton")
 SSIM_C = (ref.SSIM_K1**2, ref.SSIM_K2**2)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernels and the op's backends run
 
 
 def random_lpips(net: str = "alex", seed: int = 0) -> LPIPS:
@@ -34,14 +34,21 @@ def alex64():
     return random_lpips().double()
 
 
-def frames(B, G, F, H, W, dtype=torch.float64, seed=0, noise=0.15):
-    """pred (B*G[, F], 3, H, W) near target (B[, F], 3, H, W), both in [0, 1]; F=None means single-frame."""
+@pytest.fixture(scope="module")
+def alex64_device():
+    """alex64 on DEVICE, for the op's backends."""
+    return random_lpips().double().to(DEVICE)
+
+
+def frames(B, G, F, H, W, dtype=torch.float64, seed=0, noise=0.15, device="cpu"):
+    """pred (B*G[, F], 3, H, W) near target (B[, F], 3, H, W), both in [0, 1] on ``device`` (drawn on the CPU);
+    F=None means single-frame."""
     g = torch.Generator().manual_seed(seed)
     shape = (B,) if F is None else (B, F)
     target = torch.rand(*shape, 3, H, W, generator=g, dtype=torch.float64)
     pred = target.repeat_interleave(G, dim=0) + noise * torch.randn(B * G, *shape[1:], 3, H, W, generator=g,
                                                                        dtype=torch.float64)
-    return pred.clamp(0, 1).to(dtype), target.to(dtype)
+    return pred.clamp(0, 1).to(device, dtype), target.to(device, dtype)
 
 
 def plain(model):
@@ -95,9 +102,10 @@ CASES = [  # (metric, B, G, F, H, W, frame_reduction)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric, B, G, F, H, W, reduction", CASES)
-def test_op_matches_reference_with_gradients(alex64, backend, metric, B, G, F, H, W, reduction):
-    pred, target = frames(B, G, F, H, W)
-    upstream = torch.randn(B * G, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+def test_op_matches_reference_with_gradients(alex64_device, backend, metric, B, G, F, H, W, reduction):
+    alex64 = alex64_device
+    pred, target = frames(B, G, F, H, W, device=DEVICE)
+    upstream = torch.randn(B * G, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     p_ref = pred.clone().requires_grad_()
     want, want_terms = ref.frame_reward(p_ref, target, G, reward_weights(metric), plain(alex64), reduction, 0.8)
     (want * upstream).sum().backward()
@@ -115,11 +123,12 @@ def test_op_matches_reference_with_gradients(alex64, backend, metric, B, G, F, H
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_equal_to_the_eval_metrics_per_sample(alex64, backend):
+def test_equal_to_the_eval_metrics_per_sample(alex64_device, backend):
     """Each single-metric reward is +- rlvrw.eval.metrics on the same frame pairs (the eval metrics are checked
     against scikit-image in test_metrics.py)."""
+    alex64 = alex64_device
     B, G = 2, 3
-    pred, target = frames(B, G, None, 32, 36)
+    pred, target = frames(B, G, None, 32, 36, device=DEVICE)
     repeated = target.repeat_interleave(G, dim=0)
     expected = {
         "mae": -metrics.mae(pred, repeated),
@@ -136,7 +145,7 @@ def test_equal_to_the_eval_metrics_per_sample(alex64, backend):
 def test_ssim_reward_equals_scikit_image():
     skimage_metrics = pytest.importorskip("skimage.metrics")
     pred, target = frames(1, 3, None, 21, 26, seed=4)
-    got = ops.frame_reward(pred, target, 3, "ssim", backend="triton")
+    got = ops.frame_reward(pred.to(DEVICE), target.to(DEVICE), 3, "ssim", backend="triton")
     for i in range(3):
         want = skimage_metrics.structural_similarity(
             target[0].numpy(), pred[i].numpy(), data_range=1.0, channel_axis=0, gaussian_weights=True, sigma=1.5,
@@ -146,7 +155,7 @@ def test_ssim_reward_equals_scikit_image():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_and_bf16_inputs(backend):
-    pred, target = frames(2, 2, 2, 16, 20)
+    pred, target = frames(2, 2, 2, 16, 20, device=DEVICE)
     exact = ops.frame_reward(pred, target, 2, "mae+ssim+0.1*psnr", backend="reference")
     fp32 = ops.frame_reward(pred.float(), target.float(), 2, "mae+ssim+0.1*psnr", backend=backend)
     assert fp32.dtype == torch.float32
@@ -158,7 +167,7 @@ def test_float32_and_bf16_inputs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_exact_prediction_and_nan_per_sample(backend):
-    pred, target = frames(2, 3, None, 12, 14)
+    pred, target = frames(2, 3, None, 12, 14, device=DEVICE)
     pred[1] = target[0]
     pred[4, 1, 3, 7] = float("nan")
     for metric, perfect in (("mae", 0.0), ("mse", 0.0), ("psnr", ref.PSNR_CAP_DB), ("ssim", 1.0)):
@@ -192,7 +201,7 @@ def test_pixel_only_rewards_need_no_lpips_and_empty_batches():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the Triton kernels (interpreted on CPU)
+# the Triton kernels (interpreted on CPU, compiled on a GPU)
 # ---------------------------------------------------------------------------------------------------------------------
 
 KERNEL_CASES = [  # (B, G, F, H, W, block, n_split, with_ssim, channels_last)
@@ -203,7 +212,7 @@ KERNEL_CASES = [  # (B, G, F, H, W, block, n_split, with_ssim, channels_last)
 
 
 def kernel_inputs(B, G, F, H, W, channels_last, with_ssim, dtype=torch.float64):
-    pred, target = frames(B, G, F, H, W, dtype=dtype, seed=5)
+    pred, target = frames(B, G, F, H, W, dtype=dtype, seed=5, device=DEVICE)
     pred, target = pred.reshape(-1, 3, H, W), target.reshape(-1, 3, H, W)
     if channels_last:
         pred = pred.contiguous(memory_format=torch.channels_last)
@@ -215,7 +224,7 @@ def kernel_inputs(B, G, F, H, W, channels_last, with_ssim, dtype=torch.float64):
 
 def reference_stats(pred, target, G, F, with_ssim):
     """(MAE, MSE, SSIM) of prediction row p against ground-truth row (p // (G*F)) * F + p % F."""
-    rows = torch.tensor([(p // (G * F)) * F + p % F for p in range(pred.shape[0])], dtype=torch.long)
+    rows = torch.tensor([(p // (G * F)) * F + p % F for p in range(pred.shape[0])], device=target.device)
     values = ref.frame_metric_values(pred, target[rows], 1, ["mae", "mse"] + ["ssim"] * with_ssim)
     values.setdefault("ssim", torch.zeros_like(values["mae"]))
     return torch.stack([values["mae"], values["mse"], values["ssim"]], dim=1)
@@ -224,7 +233,7 @@ def reference_stats(pred, target, G, F, with_ssim):
 @pytest.mark.parametrize("B, G, F, H, W, block, n_split, with_ssim, channels_last", KERNEL_CASES)
 def test_stats_kernel_forward(B, G, F, H, W, block, n_split, with_ssim, channels_last):
     pred, target, moments = kernel_inputs(B, G, F, H, W, channels_last, with_ssim)
-    out = torch.full((B * G * F, n_split, 3), float("nan"), dtype=torch.float64)  # poison: all must be written
+    out = torch.full((B * G * F, n_split, 3), float("nan"), dtype=torch.float64, device=DEVICE)  # poison
     K.frame_stats_forward(pred, target, *moments, G, F, SSIM_C, n_split=n_split, out=out, block=block)
     want = reference_stats(pred, target, G, F, with_ssim)
     torch.testing.assert_close(out.sum(dim=1), want, rtol=1e-12, atol=1e-14)
@@ -233,7 +242,7 @@ def test_stats_kernel_forward(B, G, F, H, W, block, n_split, with_ssim, channels
 @pytest.mark.parametrize("B, G, F, H, W, block, n_split, with_ssim, channels_last", KERNEL_CASES)
 def test_stats_kernel_backward_matches_autograd(B, G, F, H, W, block, n_split, with_ssim, channels_last):
     pred, target, _ = kernel_inputs(B, G, F, H, W, channels_last, with_ssim)
-    grad_stats = torch.randn(B * G * F, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grad_stats = torch.randn(B * G * F, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     p = pred.detach().clone().requires_grad_()
     moments = ssim_moments(p, target, G, F) if with_ssim else (None, None)
     stats = pixel_stats(p, target, G, F, with_ssim, "reference")

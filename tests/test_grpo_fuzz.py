@@ -1,6 +1,7 @@
 """Property-based fuzz of the GRPO family (hypothesis): random shapes, masks, options and garbage (NaN, inf, 1e30, bad
 token ids) at masked positions. Whatever the masked positions hold, the loss, its gradient and the stats are finite,
-the gradient is 0 at masked positions, and the reference and Triton (interpreted on CPU) backends agree in float64.
+the gradient is 0 at masked positions, and the reference and Triton backends agree in float64 (Triton interpreted on
+CPU tensors without a GPU, compiled on CUDA tensors with one; the reference runs on the CPU).
 
 A bounded number of derandomized examples, so that CI runs the same cases in well under a minute.
 """
@@ -20,6 +21,15 @@ FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 GARBAGE = [math.nan, math.inf, -math.inf, 1e30, -1e30]
 TOL = dict(rtol=1e-9, atol=1e-11)
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_of(backend: str) -> str:
+    return KERNEL_DEVICE if backend == "triton" else "cpu"
+
+
+def on(device: str, tensors: dict) -> dict:
+    return {k: v.to(device) if v is not None else None for k, v in tensors.items()}
 
 OPTIONS = st.fixed_dictionaries({
     "loss_agg": st.sampled_from(["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -67,11 +77,13 @@ def poisoned(batch, fill):
 
 
 def run(batch, backend, options):
+    """Loss, gradient and stats on ``backend``, on the CPU."""
+    batch = on(device_of(backend), batch)
     logp = batch["logp"].clone().requires_grad_(True)
     loss, stats = ops.grpo_loss(logp, batch["old_logp"], batch["advantages"], batch["mask"], batch["ref_logp"],
                                 rollout_is_weights=batch["weights"], backend=backend, **options)
     loss.backward()
-    return loss.detach(), logp.grad, stats
+    return loss.detach().cpu(), logp.grad.cpu(), on("cpu", stats)
 
 
 @FUZZ
@@ -106,15 +118,18 @@ def test_grpo_loss_from_logits_fuzz(data, vocab, temperature, options, bad_token
     tokens = torch.where(batch["mask"], torch.randint(0, vocab, (B, T), generator=g), bad_token)
     results = []
     for backend in ("reference", "triton"):
-        x = logits.clone().requires_grad_(True)
+        device = device_of(backend)
+        x = logits.to(device, copy=True).requires_grad_(True)
+        b = on(device, bad)
         loss, stats, entropy = ops.grpo_loss_from_logits(
-            x, tokens, bad["old_logp"], bad["advantages"], bad["mask"], bad["ref_logp"], temperature,
-            return_entropy=True, rollout_is_weights=bad["weights"], inplace_backward=False, backend=backend, **options,
+            x, tokens.to(device), b["old_logp"], b["advantages"], b["mask"], b["ref_logp"], temperature,
+            return_entropy=True, rollout_is_weights=b["weights"], inplace_backward=False, backend=backend, **options,
         )
         (loss + 0.01 * entropy.sum()).backward()
-        assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and torch.isfinite(entropy).all()
-        assert (entropy[~batch["mask"]] == 0).all() and (x.grad[~batch["mask"]] == 0).all()
-        results.append((loss.detach(), x.grad, entropy.detach()))
+        loss, grad, entropy = loss.detach().cpu(), x.grad.cpu(), entropy.detach().cpu()
+        assert torch.isfinite(loss) and torch.isfinite(grad).all() and torch.isfinite(entropy).all()
+        assert (entropy[~batch["mask"]] == 0).all() and (grad[~batch["mask"]] == 0).all()
+        results.append((loss, grad, entropy))
     for ours, ref in zip(results[1], results[0]):
         torch.testing.assert_close(ours, ref, **TOL)
 
@@ -133,11 +148,13 @@ def test_group_advantages_fuzz(groups, group_size, seed, ties, eps, scale):
     weights = torch.randn(groups * group_size, dtype=torch.float64, generator=g)
     results = []
     for backend in ("reference", "triton"):
-        r = rewards.clone().requires_grad_(True)
+        device = device_of(backend)
+        r = rewards.to(device, copy=True).requires_grad_(True)
         adv = ops.group_advantages(r, group_size, eps=eps, scale=scale, backend=backend)
-        (adv * weights).sum().backward()
-        assert torch.isfinite(adv).all() and torch.isfinite(r.grad).all()
+        (adv * weights.to(device)).sum().backward()
+        adv, grad = adv.detach().cpu(), r.grad.cpu()
+        assert torch.isfinite(adv).all() and torch.isfinite(grad).all()
         assert (adv.view(groups, group_size)[tied] == 0).all()
-        results.append((adv.detach(), r.grad))
+        results.append((adv, grad))
     torch.testing.assert_close(results[1][0], results[0][0], **TOL)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-8, atol=1e-9)

@@ -7,7 +7,8 @@ source reads (openrlhf/models/loss.py), and is checked against the real class wh
 
 Every comparison: loss and gradient within 1e-7 relative (VERL and OpenRLHF divide by counts + 1e-8), with fully
 masked rows, and with garbage (inf, -inf, NaN) at masked positions on our side only (the peer gets clean inputs), on
-the reference and the Triton backend (interpreted on CPU).
+the reference and the Triton backend (interpreted on CPU tensors without a GPU, compiled on CUDA tensors with one; the
+peers and the reference run on the CPU).
 """
 
 import collections
@@ -20,6 +21,7 @@ import torch
 import rlvrw.ops as ops
 
 BACKENDS = ["reference", "triton"]
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=1e-7, atol=1e-10)
 LIGER_TOL = dict(rtol=1e-5, atol=1e-7)  # Liger's loss math is float32 whatever the input dtype
 
@@ -52,16 +54,23 @@ def make_batch(B=6, T=11, spread=1.0, seed=0):
 
 def poisoned(t, mask):
     """``t`` with inf, -inf and NaN at the masked positions."""
-    garbage = torch.tensor([math.inf, -math.inf, math.nan], dtype=t.dtype)
-    fill = garbage[torch.arange(mask.numel()) % 3].view(mask.shape)
+    garbage = torch.tensor([math.inf, -math.inf, math.nan], dtype=t.dtype, device=t.device)
+    fill = garbage[torch.arange(mask.numel(), device=t.device) % 3].view(mask.shape)
     return torch.where(mask, t, fill)
 
 
+def device_of(backend: str) -> str:
+    return KERNEL_DEVICE if backend == "triton" else "cpu"
+
+
 def ours(batch, backend, weights=None, **options):
-    """Our loss and d(loss)/d(logp), with garbage at every masked position of every input."""
+    """Our loss and d(loss)/d(logp), with garbage at every masked position of every input; results on the CPU."""
+    device = device_of(backend)
+    batch = {k: v.to(device) for k, v in batch.items()}
     mask = batch["mask"]
     logp = poisoned(batch["logp"], mask).requires_grad_(True)
     if weights is not None:
+        weights = weights.to(device)
         weights = poisoned(weights, mask) if weights.dim() == 2 else weights
     loss, stats = ops.grpo_loss(
         logp, poisoned(batch["old_logp"], mask), batch["advantages"], mask.double(), poisoned(batch["ref_logp"], mask),
@@ -69,7 +78,7 @@ def ours(batch, backend, weights=None, **options):
     )
     loss.backward()
     assert torch.isfinite(logp.grad).all() and (logp.grad[~mask] == 0).all()
-    return loss.detach(), logp.grad, stats
+    return loss.detach().cpu(), logp.grad.cpu(), {k: v.cpu() for k, v in stats.items()}
 
 
 def peer_grad(fn, batch):
@@ -208,17 +217,20 @@ def test_verl_entropy_from_the_fused_loss(verl, backend):
     x = logits.clone().requires_grad_(True)
     expected, expected_entropy = verl_loss(x)
     expected.backward()
-    y = logits.clone().requires_grad_(True)
+    device = device_of(backend)
+    on = {k: v.to(device) for k, v in batch.items()}
+    y = logits.to(device, copy=True).requires_grad_(True)
     loss, _, entropy = ops.grpo_loss_from_logits(
-        y, torch.where(mask, tokens, -100), poisoned(batch["old_logp"], mask), batch["advantages"], mask,
-        poisoned(batch["ref_logp"], mask), temperature, return_entropy=True, inplace_backward=False, backend=backend,
-        **verl_options("token-mean", {}),
+        y, torch.where(mask, tokens, -100).to(device), poisoned(on["old_logp"], on["mask"]), on["advantages"],
+        on["mask"], poisoned(on["ref_logp"], on["mask"]), temperature, return_entropy=True, inplace_backward=False,
+        backend=backend, **verl_options("token-mean", {}),
     )
-    total = loss - coeff * verl.algos.agg_loss(entropy, mask, "token-mean")
+    entropy = entropy.cpu()
+    total = loss.cpu() - coeff * verl.algos.agg_loss(entropy, mask, "token-mean")
     total.backward()
     torch.testing.assert_close(entropy, torch.where(mask, expected_entropy.detach(), 0), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(total.detach(), expected.detach(), **TOL)
-    torch.testing.assert_close(y.grad, x.grad, **TOL)
+    torch.testing.assert_close(y.grad.cpu(), x.grad, **TOL)
 
 
 @pytest.mark.parametrize("scale", ["group", "none"])
@@ -233,8 +245,8 @@ def test_verl_grpo_outcome_advantage(verl, scale):
         norm_adv_by_std_in_grpo=scale == "group",
     )
     for backend in BACKENDS:
-        adv = ops.group_advantages(rewards, G, eps=1e-6, scale=scale, backend=backend)
-        torch.testing.assert_close(adv, expected[:, 0], rtol=1e-12, atol=1e-9)
+        adv = ops.group_advantages(rewards.to(device_of(backend)), G, eps=1e-6, scale=scale, backend=backend)
+        torch.testing.assert_close(adv.cpu(), expected[:, 0], rtol=1e-12, atol=1e-9)
 
 
 # ---- TRL and Liger ---------------------------------------------------------------------------------------------------

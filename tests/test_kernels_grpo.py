@@ -1,11 +1,8 @@
 """Triton GRPO kernels (``kernels/grpo_loss.py``) against the reference ``rlvrw.reference.grpo`` and its autograd.
 
-Runs on CPU through the Triton interpreter (``TRITON_INTERPRET=1``, set before the kernels are imported).
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1 before
+the kernels are imported); with one, the same tests run compiled on CUDA tensors.
 """
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import itertools
 import math
@@ -15,6 +12,8 @@ import torch
 
 from rlvrw.kernels import grpo_loss as K
 from rlvrw.reference import grpo as ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 KL_TYPES = ref.KL_TYPES
 LOSS_AGGS = ref.LOSS_AGGS
@@ -61,14 +60,15 @@ def make_batch(B, T, seed, dtype=torch.float64, huge=True, per_token_adv=False):
     if B > 3:
         # a whole row far from the old policy: the GSPO sequence ratio leaves the clamp
         old[3] = logp[3] - 30.0
-    conv = lambda x: x.to(dtype)  # noqa: E731
-    return conv(logp), conv(old), conv(adv), mask, conv(refl)
+    conv = lambda x: x.to(DEVICE, dtype)  # noqa: E731
+    return conv(logp), conv(old), conv(adv), mask.to(DEVICE), conv(refl)
 
 
 def poison(x, mask, kinds=(math.inf, -math.inf, math.nan)):
     """A copy of x with inf / -inf / NaN at the masked positions."""
     x = x.clone()
-    bad = torch.tensor(kinds, dtype=x.dtype).repeat(x.numel() // len(kinds) + 1)[: x.numel()].view_as(x)
+    bad = torch.tensor(kinds, dtype=x.dtype, device=x.device).repeat(x.numel() // len(kinds) + 1)
+    bad = bad[: x.numel()].view_as(x)
     return torch.where(mask, x, bad)
 
 
@@ -277,7 +277,7 @@ def test_strided_inputs_and_poisoned_out():
     r_loss, _, r_grad = reference_run(logp, old, adv, mask, refl, kl_coef=0.1, dual_clip=3.0, loss_agg="token-mean")
 
     def widen(x, fill):
-        wide = torch.full((B, T + 9), fill, dtype=x.dtype)
+        wide = torch.full((B, T + 9), fill, dtype=x.dtype, device=DEVICE)
         wide[:, 3:3 + T] = x
         return wide[:, 3:3 + T]
 
@@ -286,7 +286,7 @@ def test_strided_inputs_and_poisoned_out():
     adv_s = widen(poison(adv, mask), math.nan)
     mask_s = widen(mask, True)
     assert lp_s.stride(0) == T + 9 and not mask_s.is_contiguous()
-    out_wide = torch.full((B, T + 4), math.nan, dtype=torch.float64)
+    out_wide = torch.full((B, T + 4), math.nan, dtype=torch.float64, device=DEVICE)
     out = out_wide[:, 2:2 + T]
     k_loss, _, k_grad, rows = kernel_run(lp_s, old_s, adv_s, mask_s, ref_s, out=out, kl_coef=0.1, dual_clip=3.0)
     assert k_grad.data_ptr() == out.data_ptr()
@@ -302,7 +302,7 @@ def test_column_strided_inputs_and_out():
     logp, old, adv, mask, refl = make_batch(B, T, seed=39, per_token_adv=True)
     r_loss, _, r_grad = reference_run(logp, old, adv, mask, refl, kl_coef=0.1, kl_type="abs", ratio_level="sequence")
     tr = lambda x: x.t().contiguous().t()  # noqa: E731
-    out = torch.full((T, B), math.nan, dtype=torch.float64).t()
+    out = torch.full((T, B), math.nan, dtype=torch.float64, device=DEVICE).t()
     args = [tr(poison(x, mask)) for x in (logp, old, adv)] + [tr(mask), tr(poison(refl, mask))]
     assert args[0].stride() == (1, B)
     k_loss, _, k_grad, _ = kernel_run(*args, out=out, kl_coef=0.1, kl_type="abs", ratio_level="sequence")
@@ -313,8 +313,8 @@ def test_column_strided_inputs_and_out():
 def test_valid_mask_from_expanded_and_int_mask():
     B, T = 4, 40
     logp, old, adv, mask, refl = make_batch(B, T, seed=41, huge=False)
-    lengths = torch.tensor([40, 17, 0, 33])
-    mask = torch.arange(T)[None, :] < lengths[:, None]
+    lengths = torch.tensor([40, 17, 0, 33], device=DEVICE)
+    mask = torch.arange(T, device=DEVICE)[None, :] < lengths[:, None]
     r = reference_run(logp, old, adv, mask, refl, kl_coef=0.1)
     # bool, int and float masks; advantages as an expanded (B, T) view or as (B,) directly
     for m, a in ((mask, adv[:, None].expand(B, T)), (mask.to(torch.int32), adv), (mask.to(torch.float32), adv)):
@@ -335,7 +335,7 @@ def test_tie_splitting_matches_autograd():
     B, T = 3, 20
     logp, old, adv, mask, refl = make_batch(B, T, seed=43, huge=False)
     old[:, :10] = logp[:, :10]
-    adv = torch.tensor([-0.7, 0.0, 0.9], dtype=torch.float64)
+    adv = torch.tensor([-0.7, 0.0, 0.9], dtype=torch.float64, device=DEVICE)
     for dual in (None, 1.0, 1.0 + 1e-9):  # 1.0: pg ties with the dual cap at ratio 1 (the kernel allows c3 = 1)
         for clip_low in (0.0, 0.2):
             check_against_reference(logp, old, adv, mask, refl, clip_low=clip_low, clip_high=0.0, dual_clip=dual)
@@ -353,7 +353,7 @@ def make_rewards(n_groups, G, seed, dtype):
     r[0] = 1.0  # a constant group: std treated as the constant 0
     if n_groups > 2:
         r[2] = 0.5
-    return r.reshape(-1).to(dtype)
+    return r.reshape(-1).to(DEVICE, dtype)
 
 
 TOLS = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-5, 1e-6)}
@@ -378,7 +378,7 @@ def test_group_advantages(scale, G, dtype):
 
     # backward vs autograd of the reference
     g = torch.Generator().manual_seed(100 + G)
-    grad_adv = torch.randn(n_groups * G, generator=g, dtype=adv.dtype)
+    grad_adv = torch.randn(n_groups * G, generator=g, dtype=adv.dtype).to(DEVICE)
     r = rewards.detach().clone().requires_grad_(True)
     ref.group_advantages(r, G, 1e-6, scale).backward(grad_adv)
     grad = K.group_advantages_backward(grad_adv, rewards, G, 1e-6, scale)
@@ -389,11 +389,12 @@ def test_group_advantages(scale, G, dtype):
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_group_advantages_all_constant_and_large_groups(scale):
-    for rewards, G in ((torch.ones(24, dtype=torch.float64), 4), (make_rewards(3, 1000, 1, torch.float64), 1000),
+    for rewards, G in ((torch.ones(24, dtype=torch.float64, device=DEVICE), 4),
+                       (make_rewards(3, 1000, 1, torch.float64), 1000),
                        (make_rewards(2, 4096, 2, torch.float32), 4096)):
         adv = K.group_advantages(rewards, G, 1e-6, scale)
         torch.testing.assert_close(adv, ref.group_advantages(rewards, G, 1e-6, scale), rtol=1e-5, atol=1e-6)
-        grad_adv = torch.linspace(-1, 1, rewards.numel(), dtype=adv.dtype)
+        grad_adv = torch.linspace(-1, 1, rewards.numel(), dtype=adv.dtype, device=DEVICE)
         r = rewards.detach().clone().requires_grad_(True)
         ref.group_advantages(r, G, 1e-6, scale).backward(grad_adv)
         grad = K.group_advantages_backward(grad_adv, rewards, G, 1e-6, scale)
@@ -403,7 +404,7 @@ def test_group_advantages_all_constant_and_large_groups(scale):
 
 def test_group_advantages_backward_strided_grad():
     rewards = make_rewards(5, 6, 3, torch.float64)
-    wide = torch.randn(60, dtype=torch.float64)
+    wide = torch.randn(60, dtype=torch.float64, device=DEVICE)
     grad_adv = wide[::2]
     for scale in ("group", "batch", "none"):
         r = rewards.clone().requires_grad_(True)
@@ -429,18 +430,18 @@ class _GroupAdvantages(torch.autograd.Function):
 def test_group_advantages_gradcheck(scale):
     g = torch.Generator().manual_seed(5)
     for G in (1, 3, 5):
-        rewards = torch.randn(4 * G, generator=g, dtype=torch.float64, requires_grad=True)
+        rewards = torch.randn(4 * G, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
         assert torch.autograd.gradcheck(lambda r: _GroupAdvantages.apply(r, G, 1e-3, scale), (rewards,))
 
 
 def test_empty_inputs():
-    empty = torch.empty(0, dtype=torch.float32)
+    empty = torch.empty(0, dtype=torch.float32, device=DEVICE)
     assert K.group_advantages(empty, 4, 1e-6, "batch").shape == (0,)
     assert K.group_advantages_backward(empty, empty, 4, 1e-6, "group").shape == (0,)
-    lp = torch.empty(0, 8, dtype=torch.float32)
+    lp = torch.empty(0, 8, dtype=torch.float32, device=DEVICE)
     dlogp, rows = K.grpo_token_loss(
-        lp, lp, lp, lp.bool(), None, torch.empty(0), clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0,
-        kl_type="k3", log_ratio_bounds=(-20.0, 20.0), sequence_ratio=False,
+        lp, lp, lp, lp.bool(), None, torch.empty(0, device=DEVICE), clip_low=0.2, clip_high=0.2, dual_clip=None,
+        kl_coef=0.0, kl_type="k3", log_ratio_bounds=(-20.0, 20.0), sequence_ratio=False,
     )
     assert dlogp.shape == (0, 8) and rows.shape == (0, 6)
 

@@ -141,17 +141,18 @@ def test_rollout_correction_weights_bad_input(kwargs, match):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("agg", reference.grpo.LOSS_AGGS)
 @pytest.mark.parametrize("shape", [(3, 0), (0, 5)])
-def test_empty_batches_give_a_zero_loss(shape, agg, backend):
+def test_empty_batches_give_a_zero_loss(shape, agg, backend, kernel_device):
     """Issue 17: T=0 with seq-mean-token-sum-norm was NaN on Triton (0 on the reference)."""
-    batch = make_batch(B=max(shape[0], 1), T=max(shape[1], 1))
+    device = "cpu" if backend == "reference" else kernel_device
+    batch = make_batch(B=max(shape[0], 1), T=max(shape[1], 1), device=device)
     batch = {k: v[: shape[0], : shape[1]] if v.dim() == 2 else v[: shape[0]] for k, v in batch.items()}
     loss, grad, stats = loss_and_grad(ops.grpo_loss, batch, kl_coef=0.1, loss_agg=agg, backend=backend)
     assert loss == 0 and grad.shape == shape and all(v == 0 for v in stats.values())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_batch_from_logits(backend):
-    logits, tokens, batch = logits_batch(B=2, T=3, V=11)
+def test_empty_batch_from_logits(backend, kernel_device):
+    logits, tokens, batch = logits_batch(B=2, T=3, V=11, device="cpu" if backend == "reference" else kernel_device)
     cut = {k: v[:, :0] if v.dim() == 2 else v for k, v in batch.items()}
     loss, stats, entropy = ops.grpo_loss_from_logits(
         logits[:, :0], tokens[:, :0], cut["old_logp"], cut["advantages"], cut["mask"], cut["ref_logp"],
@@ -167,7 +168,7 @@ def test_empty_batch_from_logits(backend):
 @pytest.mark.parametrize("opts", [dict(kl_type="k3"), dict(kl_type="k1+", dual_clip=3.0),
                                   dict(ratio_level="sequence", loss_agg="seq-mean-token-mean")],
                          ids=["k3", "dual", "gspo"])
-def test_nan_at_a_valid_position_propagates_identically(where, opts):
+def test_nan_at_a_valid_position_propagates_identically(where, opts, kernel_device):
     """Issue 17: a NaN in an unmasked old or ref log-prob gave a NaN loss on the reference and a finite one on Triton."""
     batch = make_batch(spread=0.5)
     weights = torch.rand(batch["logp"].shape, dtype=torch.float64) + 0.5
@@ -178,8 +179,11 @@ def test_nan_at_a_valid_position_propagates_identically(where, opts):
         target[0, 0] = math.nan  # make_batch keeps every row's first token valid
     results = {}
     for backend in BACKENDS:
-        loss, grad, stats = loss_and_grad(ops.grpo_loss, batch, kl_coef=0.1, rollout_is_weights=weights,
+        device = "cpu" if backend == "reference" else kernel_device
+        on_device = {k: v.to(device) for k, v in batch.items()}
+        loss, grad, stats = loss_and_grad(ops.grpo_loss, on_device, kl_coef=0.1, rollout_is_weights=weights.to(device),
                                           backend=backend, **opts)
+        loss, grad = loss.cpu(), grad.cpu()
         results[backend] = loss, grad
         assert torch.isnan(loss), backend
         assert torch.isfinite(grad[1:]).all(), backend  # the other rows are untouched

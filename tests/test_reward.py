@@ -1,11 +1,10 @@
-"""The L1 + LPIPS reward: the Triton kernels (``kernels/lpips_tail.py``, interpreted on CPU) and the op
-``rlvrw.ops.l1_lpips_reward`` on both backends, against the plain reference ``rlvrw.reference.reward`` in float64,
-gradients included. LPIPS networks have random weights here (the real ones are tested in test_lpips.py).
+"""The L1 + LPIPS reward: the Triton kernels (``kernels/lpips_tail.py``) and the op ``rlvrw.ops.l1_lpips_reward`` on
+both backends, against the plain reference ``rlvrw.reference.reward`` in float64, gradients included. LPIPS networks
+have random weights here (the real ones are tested in test_lpips.py).
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1 before
+the kernels are imported); with one, the tests of the kernels and of the op's backends run compiled on CUDA tensors.
 """
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from rlvrw.reference import reward as ref
 
 BACKENDS = ("reference", "triton")
 EPS = ref.NORM_EPS
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernels and the op's backends run
 
 
 def random_lpips(net: str, seed: int = 0) -> LPIPS:
@@ -31,22 +31,29 @@ def alex64():
     return random_lpips("alex").double()
 
 
-def frames(B, G, F, H, W, dtype=torch.float64, seed=0):
-    """pred (B*G[, F], 3, H, W) near target (B[, F], 3, H, W), both in [0, 1]; F=None means single-frame."""
+@pytest.fixture(scope="module")
+def alex64_device():
+    """alex64 on DEVICE, for the op's backends."""
+    return random_lpips("alex").double().to(DEVICE)
+
+
+def frames(B, G, F, H, W, dtype=torch.float64, seed=0, device="cpu"):
+    """pred (B*G[, F], 3, H, W) near target (B[, F], 3, H, W), both in [0, 1] on ``device`` (drawn on the CPU);
+    F=None means single-frame."""
     g = torch.Generator().manual_seed(seed)
     shape = (B,) if F is None else (B, F)
     target = torch.rand(*shape, 3, H, W, generator=g, dtype=torch.float64)
     pred = target.repeat_interleave(G, dim=0) + 0.2 * torch.randn(B * G, *shape[1:], 3, H, W, generator=g,
                                                                      dtype=torch.float64)
-    return pred.clamp(0, 1).to(dtype), target.to(dtype)
+    return pred.clamp(0, 1).to(device, dtype), target.to(device, dtype)
 
 
 def features(n, C, h, w, dtype=torch.float64, seed=0, channels_last=False):
-    """ReLU-like features with some all-zero feature vectors (pixels where every channel is dead)."""
+    """ReLU-like features on DEVICE with some all-zero feature vectors (pixels where every channel is dead)."""
     g = torch.Generator().manual_seed(seed)
     f = torch.randn(n, C, h, w, generator=g, dtype=torch.float64).relu()
     f[:, :, 0, 0] = 0.0
-    f = f.to(dtype)
+    f = f.to(DEVICE, dtype)
     return f.contiguous(memory_format=torch.channels_last) if channels_last else f
 
 
@@ -92,7 +99,7 @@ def test_rlvr_world_way_equals_the_reference(alex64):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the Triton kernels (interpreted on CPU)
+# the Triton kernels (interpreted on CPU, compiled on a GPU)
 # ---------------------------------------------------------------------------------------------------------------------
 
 TAIL_CASES = [  # (C, h, w, G, F, B, n_split, channels_last)
@@ -106,8 +113,8 @@ TAIL_CASES = [  # (C, h, w, G, F, B, n_split, channels_last)
 def test_tail_forward_matches_reference(C, h, w, G, F, B, n_split, channels_last):
     pred = features(B * G * F, C, h, w, seed=1, channels_last=channels_last)
     target = features(B * F, C, h, w, seed=2, channels_last=channels_last)
-    weight = torch.rand(C, dtype=torch.float64)
-    out = torch.full((B * G * F, n_split), float("nan"), dtype=torch.float64)  # poison: every entry must be written
+    weight = torch.rand(C, dtype=torch.float64).to(DEVICE)
+    out = torch.full((B * G * F, n_split), float("nan"), dtype=torch.float64, device=DEVICE)  # poison: all written
     K.lpips_tail_forward(pred, target, weight, G, F, EPS, n_split=n_split, out=out)
     want = ref.lpips_layer_distance(pred, target, weight, G, F)
     assert torch.allclose(out.sum(dim=1), want, rtol=1e-12, atol=1e-15)
@@ -117,7 +124,7 @@ def test_tail_forward_matches_reference(C, h, w, G, F, B, n_split, channels_last
 def test_tail_forward_low_precision_features(dtype):
     pred = features(6, 48, 6, 5, dtype=dtype, seed=3, channels_last=True)
     target = features(2, 48, 6, 5, dtype=dtype, seed=4, channels_last=True)
-    weight = torch.rand(48)
+    weight = torch.rand(48).to(DEVICE)
     got = K.lpips_tail_forward(pred, target, weight, 3, 1, EPS).sum(dim=1)
     assert got.dtype == torch.float32
     want = ref.lpips_layer_distance(pred.double(), target.double(), weight.double(), 3, 1)
@@ -128,8 +135,8 @@ def test_tail_forward_low_precision_features(dtype):
 def test_tail_backward_matches_autograd(C, h, w, G, F, B, n_split, channels_last):
     pred = features(B * G * F, C, h, w, seed=5, channels_last=channels_last).requires_grad_()
     target = features(B * F, C, h, w, seed=6, channels_last=channels_last)
-    weight = torch.rand(C, dtype=torch.float64)
-    grad_dist = torch.randn(B * G * F, dtype=torch.float64)
+    weight = torch.rand(C, dtype=torch.float64).to(DEVICE)
+    grad_dist = torch.randn(B * G * F, dtype=torch.float64).to(DEVICE)
     (ref.lpips_layer_distance(pred, target, weight, G, F) * grad_dist).sum().backward()
     out = torch.full_like(pred, float("nan"))
     K.lpips_tail_backward(pred.detach(), target, weight, grad_dist, G, F, EPS, out=out)
@@ -142,7 +149,8 @@ def test_tail_nan_stays_in_its_rows():
     pred, target = features(2 * G * F, 16, 3, 3, seed=7), features(2 * F, 16, 3, 3, seed=8)
     pred[4, 3, 1, 1] = float("nan")  # sample (b=0, g=2, f=0)
     target[3, 0, 2, 2] = float("nan")  # ground truth (b=1, f=1): the rows (1, g, 1) for every g
-    got = K.lpips_tail_forward(pred, target, torch.rand(16, dtype=torch.float64), G, F, EPS, n_split=2).sum(dim=1)
+    weight = torch.rand(16, dtype=torch.float64).to(DEVICE)
+    got = K.lpips_tail_forward(pred, target, weight, G, F, EPS, n_split=2).sum(dim=1)
     nan_rows = {4} | {G * F + g * F + 1 for g in range(G)}
     assert {i for i in range(2 * G * F) if got[i].isnan()} == nan_rows
 
@@ -157,16 +165,16 @@ def test_tail_nan_stays_in_its_rows():
 )
 def test_scale_l1_layout_and_values(B, G, F, chunk, channels_last, x_dtype, dtype):
     H, W = 5, 7
-    pred, target = frames(B, G, F, H, W, dtype=dtype)
+    pred, target = frames(B, G, F, H, W, dtype=dtype, device=DEVICE)
     pred_frames = pred.transpose(-1, -2).contiguous().transpose(-1, -2).reshape(-1, 3, H, W)  # odd strides
     target_frames = target.reshape(-1, 3, H, W)
     lp = random_lpips("alex")
-    shift, scale = lp.input_shift.to(dtype), lp.input_scale.to(dtype)
+    shift, scale = lp.input_shift.to(DEVICE, dtype), lp.input_scale.to(DEVICE, dtype)
     n_rows = B * (G + 1) * F
-    x = torch.full((n_rows, 3, H, W), float("nan"), dtype=x_dtype)
+    x = torch.full((n_rows, 3, H, W), float("nan"), dtype=x_dtype, device=DEVICE)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    l1 = torch.full((B * G * F, 2), float("nan"), dtype=ref.compute_dtype(dtype))
+    l1 = torch.full((B * G * F, 2), float("nan"), dtype=ref.compute_dtype(dtype), device=DEVICE)
     K.scale_l1(pred_frames, target_frames, shift, scale, G, F, chunk, x_dtype, channels_last,
                ref.compute_dtype(dtype), n_split=2, out=x, l1_out=l1, block=16)
 
@@ -179,8 +187,10 @@ def test_scale_l1_layout_and_values(B, G, F, chunk, channels_last, x_dtype, dtyp
     if x_dtype == torch.bfloat16:
         # one bf16 step: Triton's interpreter truncates float32 to bf16 where the GPU (and torch) round to nearest
         assert torch.allclose(x.float(), torch.cat(want).float(), rtol=2**-7, atol=0)
-    else:
+    elif DEVICE == "cpu" or x_dtype == torch.float64:
         assert torch.equal(x, torch.cat(want).to(x_dtype))
+    else:  # compiled, Triton's float32 division is div.full.f32 (within 2 ulp), torch's is correctly rounded
+        torch.testing.assert_close(x, torch.cat(want).to(x_dtype), rtol=4 * torch.finfo(x_dtype).eps, atol=0)
     t_rep = target.repeat_interleave(G, dim=0).reshape(-1, 3, H, W)
     want_l1 = (pred_frames.to(acc) - t_rep.to(acc)).abs().mean(dim=(1, 2, 3))
     assert torch.allclose(l1.sum(dim=1), want_l1, rtol=1e-6 if acc == torch.float32 else 1e-13)
@@ -200,8 +210,9 @@ def test_scale_l1_layout_and_values(B, G, F, chunk, channels_last, x_dtype, dtyp
         (3, 2, 3, 20, "last", (1.0, 0.0)),  # two groups, then one
     ],
 )
-def test_op_matches_reference(alex64, backend, B, G, F, micro_batch, reduction, weights):
-    pred, target = frames(B, G, F, 33, 31)
+def test_op_matches_reference(alex64_device, backend, B, G, F, micro_batch, reduction, weights):
+    alex64 = alex64_device
+    pred, target = frames(B, G, F, 33, 31, device=DEVICE)
     kwargs = dict(l1_weight=weights[0], lpips_weight=weights[1])
     want = ref.l1_lpips_reward(pred, target, G, alex64, frame_reduction=reduction, **kwargs)
     got = ops.l1_lpips_reward(pred, target, G, alex64, frame_reduction=reduction, micro_batch=micro_batch,
@@ -213,17 +224,18 @@ def test_op_matches_reference(alex64, backend, B, G, F, micro_batch, reduction, 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("net", ["vgg", "squeeze"])
 def test_op_other_backbones(backend, net):
-    model = random_lpips(net).double()
+    model = random_lpips(net).double().to(DEVICE)
     size = model.min_input_size
-    pred, target = frames(2, 2, None, size + 1, size + 2)
+    pred, target = frames(2, 2, None, size + 1, size + 2, device=DEVICE)
     want = ref.l1_lpips_reward(pred, target, 2, model)
     assert torch.allclose(ops.l1_lpips_reward(pred, target, 2, model, backend=backend), want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_op_gradient_matches_reference(alex64, backend):
-    pred, target = frames(2, 2, 2, 32, 33)
-    upstream = torch.randn(4, dtype=torch.float64)
+def test_op_gradient_matches_reference(alex64_device, backend):
+    alex64 = alex64_device
+    pred, target = frames(2, 2, 2, 32, 33, device=DEVICE)
+    upstream = torch.randn(4, dtype=torch.float64).to(DEVICE)
     p_ref = pred.clone().requires_grad_()
     (ref.l1_lpips_reward(p_ref, target, 2, alex64, 0.7, 1.3, "discounted") * upstream).sum().backward()
     p_op = pred.clone().requires_grad_()
@@ -270,8 +282,9 @@ def test_backbone_sees_each_ground_truth_once(alex64):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_op_exact_prediction_scores_zero_and_nan_is_kept_per_sample(alex64, backend):
-    pred, target = frames(2, 3, None, 31, 31)
+def test_op_exact_prediction_scores_zero_and_nan_is_kept_per_sample(alex64_device, backend):
+    alex64 = alex64_device
+    pred, target = frames(2, 3, None, 31, 31, device=DEVICE)
     pred[1] = target[0]  # an exact prediction
     pred[4, 2, 5, 5] = float("nan")  # a broken one
     reward = ops.l1_lpips_reward(pred, target, 3, alex64, backend=backend)

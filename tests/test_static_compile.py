@@ -76,8 +76,9 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_spills(report):
 
 
 def test_fp64_scalars_compile_as_fp64(report):
-    """The compiled signatures: clip bounds, clamp, dual clip, KL coefficient, eps, 1/HW and eps^2 are fp64; the
-    fp32 kernels convert them once per program and do no fp64 arithmetic."""
+    """The compiled signatures: clip bounds, clamp, dual clip, KL coefficient, eps, 1/HW, eps^2, the frame reward's
+    1/(3HW), 1/(window count) and SSIM's c1, c2 are fp64; the fp32 kernels convert them once per program and do no
+    fp64 arithmetic."""
     expected = {
         "_grpo_token_loss_kernel": ("ratio_lo_arg", "ratio_hi_arg", "lr_lo_arg", "lr_hi_arg", "dual_arg",
                                     "kl_coef_arg", "k3_lo_arg", "k3_hi_arg", "kl_clamp_arg"),
@@ -86,6 +87,8 @@ def test_fp64_scalars_compile_as_fp64(report):
         "_scale_l1_kernel": ("inv_numel",),
         "_lpips_tail_fwd_kernel": ("inv_hw", "eps2"),
         "_lpips_tail_bwd_kernel": ("inv_hw", "eps2"),
+        "_frame_stats_fwd_kernel": ("inv_pix", "inv_win", "c1", "c2"),
+        "_frame_stats_bwd_kernel": ("inv_pix", "inv_win", "c1", "c2"),
     }
     for kernel, names in expected.items():
         rows = _rows(report, kernel)
