@@ -32,8 +32,8 @@ Settings: ``DEFAULT_CONFIG`` (``PipelineConfig``'s defaults: 300 PushT episodes 
 target held for 3 simulator steps, 8 x 8 tokens per frame, 1 context frame, a 2.8M-parameter world model with the
 copy prior, 120 RL steps, evaluation sampled at temperature 1 with top-k 100 as the reference's, and greedy; about 10
 minutes on 2 idle CPU cores, plus under a minute to generate the data the first time), then the preset
-(``preset=smoke`` or ``--quick``: a minute or two, for tests), then the config file (JSON, or YAML when PyYAML is installed), then the
-``key=value`` arguments (values are read as JSON when they parse, else as strings: ``rl_steps=50``,
+(``preset=smoke`` or ``--quick``: a minute or two, for tests), then the config file (JSON, or YAML when PyYAML is
+installed), then the ``key=value`` arguments (values are read as JSON when they parse, else as strings: ``rl_steps=50``,
 ``tokenizer_channels=[32,64,64,64]``, ``sim=pusht``). The resolved settings are written to ``DIR/config.json``.
 """
 
