@@ -9,7 +9,7 @@ def test_selfcheck_covers_every_op_and_passes():
     rows = selfcheck.run(repeats=1)
     ops_seen = {r["op"] for r in rows}
     assert ops_seen == {"token_logprobs", "linear_token_logprobs", "group_advantages", "grpo_loss",
-                        "grpo_loss_from_logits"}
+                        "grpo_loss_from_logits", "frame_reward"}
     assert {r["backend"] for r in rows} >= {"reference", "triton"}
     bad = [r for r in rows if not r["ok"]]
     assert not bad, selfcheck.format_table(bad)
