@@ -53,6 +53,7 @@ from rlvrw.models.attention import (
     resolve_attention_backend,
     rotary_cos_sin,
 )
+from rlvrw.models.copy_prior import decode_copy_ids, sequence_copy_ids
 from rlvrw.models.hf_weights import read_hf_weights
 from rlvrw.ops import _checks
 
@@ -77,9 +78,8 @@ class WorldModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
-    # Not a LlamaConfig field: the learned copy prior (``Decoder.copy_embed``). When > 0, the input at position q also
-    # gets an embedding of the id at position q + 1 - copy_prior_offset: the same place in the previous frame as the
-    # token being predicted (``SequenceLayout.copy_offset``). 0 (off) for every plain Llama checkpoint.
+    # Not a LlamaConfig field: the learned copy prior (Decoder.copy_embed, rlvrw.models.copy_prior); 0 (off) for
+    # every plain Llama checkpoint
     copy_prior_offset: int = 0
 
     def __post_init__(self):
@@ -136,8 +136,7 @@ class WorldModelConfig:
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict:
-        """A Hugging Face LlamaConfig dict that transformers 4 and 5 both read (with a copy prior, transformers
-        ignores its weights; only rlvrw reads them)."""
+        """A Hugging Face LlamaConfig dict that transformers 4 and 5 read (a copy prior's weights only rlvrw reads)."""
         fields = dataclasses.asdict(self)
         if not self.copy_prior_offset:
             del fields["copy_prior_offset"]  # a plain Llama config, as it was before the copy prior existed
@@ -235,8 +234,7 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Embedding, decoder layers, final norm: Hugging Face's ``LlamaModel`` (the ``model.`` of its names), plus the
-    copy prior's embedding when ``config.copy_prior_offset`` > 0."""
+    """Embedding (and the copy prior's), decoder layers, final norm: Hugging Face's ``LlamaModel`` (``model.``)."""
 
     def __init__(self, config: WorldModelConfig):
         super().__init__()
@@ -325,13 +323,8 @@ class WorldModelTransformer(nn.Module):
         return (logits, hidden) if return_hidden else logits
 
     def _copy_ids(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """The copy prior's ids for whole sequences ids (B, T) from position 0: ids shifted right by offset - 1, -1
-        before the first (None without a copy prior)."""
         offset = self.config.copy_prior_offset
-        if not offset:
-            return None
-        shift = min(offset - 1, ids.shape[1])
-        return torch.cat([ids.new_full((ids.shape[0], shift), -1), ids[:, : ids.shape[1] - shift]], dim=1)
+        return sequence_copy_ids(ids, offset) if offset else None
 
     # ---- KV cache and decoding ---------------------------------------------------------------------------------------
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
@@ -440,10 +433,7 @@ class WorldModelTransformer(nn.Module):
         visible = (torch.arange(cache.shape[1], device=pos.device) <= pos)[None, :]
         copy_ids = None
         if self.id_cache is not None:
-            rows = self.id_cache[: tokens.shape[0]]
-            rows.index_copy_(1, pos, tokens[:, None])
-            source = pos + 1 - self.config.copy_prior_offset  # a tensor: no host sync, graph-capturable
-            copy_ids = rows.index_select(1, source.clamp(min=0)).masked_fill(source < 0, -1)
+            copy_ids = decode_copy_ids(self.id_cache, tokens, pos, self.config.copy_prior_offset)
         hidden = self.model(tokens[:, None], pos, self.config, backend, copy_ids=copy_ids, decode_pos=pos,
                             visible=visible)
         return self.lm_head(hidden[:, 0])

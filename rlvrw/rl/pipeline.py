@@ -29,11 +29,11 @@ metrics at the first predicted frame alone, empty single-step), printed as a tab
 its ``eval.json`` was made with the same settings.
 
 Settings: ``DEFAULT_CONFIG`` (``PipelineConfig``'s defaults: 300 PushT episodes of 32 frames at 32 x 32, each
-target held for 3 simulator steps, 8 x 8 tokens per frame, 1 context frame, a 2.2M-parameter world model, 120 RL
-steps, evaluation sampled at temperature 1 with top-k 100 as the reference's; about 10 minutes on 2 idle CPU cores,
-plus under a minute to generate the data the first time), then the preset (``preset=smoke`` or
-``--quick``: a minute or two, for tests), then the config file (JSON, or YAML when PyYAML is installed), then the
-``key=value`` arguments (values are read as JSON when they parse, else as strings: ``rl_steps=50``,
+target held for 3 simulator steps, 8 x 8 tokens per frame, 1 context frame, a 2.8M-parameter world model with the
+copy prior, 120 RL steps, evaluation sampled at temperature 1 with top-k 100 as the reference's, and greedy; about 10
+minutes on 2 idle CPU cores, plus under a minute to generate the data the first time), then the preset
+(``preset=smoke`` or ``--quick``: a minute or two, for tests), then the config file (JSON, or YAML when PyYAML is
+installed), then the ``key=value`` arguments (values are read as JSON when they parse, else as strings: ``rl_steps=50``,
 ``tokenizer_channels=[32,64,64,64]``, ``sim=pusht``). The resolved settings are written to ``DIR/config.json``.
 """
 
@@ -116,8 +116,9 @@ class PipelineConfig:
     pretrain_lr: float = 1e-3
     pretrain_warmup_steps: int = 100
     # the learned copy prior (WorldModelConfig.copy_prior_offset): every frame token's input also embeds the id at
-    # its place in the previous frame
-    copy_prior: bool = False
+    # its place in the previous frame. Seed 0, 93 held-out clips: after 300 steps LPIPS 0.081 -> 0.075 sampled,
+    # 0.072 -> 0.060 greedy; 98.5% of unchanged tokens right at 1200 steps (changed ones: 13.5%)
+    copy_prior: bool = True
     # RLVR (GRPO); the paper's loss settings stay rlvrw.rl.trainer's defaults
     reward: str = "l1+lpips"  # ops.frame_reward's metric: mae, mse, psnr, ssim, lpips, l1+lpips or a weighted sum
     rl_steps: int = 120
