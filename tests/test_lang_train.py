@@ -372,7 +372,7 @@ def test_a_non_finite_loss_is_never_an_update_nor_a_saved_model(model_dir, batch
 def test_non_finite_settings_and_a_corrupt_model_are_named(model_dir, tmp_path):
     from rlvrw.files import CorruptFileError
 
-    with pytest.raises(ValueError, match="lr must be a number > 0, got inf"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got inf"):
         train.SFTConfig(model=model_dir, out_dir=str(tmp_path), lr=float("inf"))
     with pytest.raises(ValueError, match="temperature"):
         train.GRPOConfig(model=model_dir, out_dir=str(tmp_path), temperature=float("nan"))

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlvrw import ops
+from rlvrw import checks, ops
 from rlvrw.files import verify_directory, write_directory, write_json
 from rlvrw.guard import NonFiniteGuard, check_finite_state, check_on_nonfinite
 from rlvrw.lang.tasks import Task, encode_prompt, encode_response
@@ -48,14 +48,6 @@ FINAL_MODEL = "model"
 
 
 # ------------------------------------------------------------------------------------------------------ settings
-def _positive(name, value, kind=int, allow_zero=False):
-    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) \
-        and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        noun = "an int" if kind is int else "a number"
-        raise ValueError(f"{name} must be {noun} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
 @dataclass
 class LoraSettings:
     """LoRA adapters (``peft``): rank 32, alpha 16, on every linear layer but the output layer by default."""
@@ -66,10 +58,9 @@ class LoraSettings:
     dropout: float = 0.0
 
     def __post_init__(self):
-        _positive("lora rank", self.rank)
-        _positive("lora alpha", self.alpha, (int, float))
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        checks.integer("lora rank", self.rank)
+        checks.positive("lora alpha", self.alpha)
+        checks.number("lora dropout", self.dropout, 0, 1, high_open=True)
 
 
 @dataclass
@@ -96,14 +87,13 @@ class RunConfig:
             raise ValueError(f"model must be a local model directory, got {self.model!r}")
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise ValueError(f"out_dir must be a directory path, got {self.out_dir!r}")
-        _positive("lr", self.lr, (int, float))
-        _positive("weight_decay", self.weight_decay, (int, float), allow_zero=True)
-        _positive("max_grad_norm", self.max_grad_norm, (int, float))
-        _positive("micro_batch_size", self.micro_batch_size)
-        _positive("max_prompt_tokens", self.max_prompt_tokens)
-        _positive("save_every", self.save_every, allow_zero=True)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        checks.positive("lr", self.lr)
+        checks.positive("weight_decay", self.weight_decay, allow_zero=True)
+        checks.positive("max_grad_norm", self.max_grad_norm)
+        checks.integer("micro_batch_size", self.micro_batch_size)
+        checks.integer("max_prompt_tokens", self.max_prompt_tokens)
+        checks.integer("save_every", self.save_every, low=0)
+        checks.choice("dtype", self.dtype, tuple(DTYPES))
         check_on_nonfinite(self.on_nonfinite)
 
 
@@ -120,11 +110,11 @@ class SFTConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive("epochs", self.epochs)
+        checks.integer("epochs", self.epochs)
         if self.max_steps is not None:
-            _positive("max_steps", self.max_steps)
-        _positive("batch_size", self.batch_size)
-        _positive("max_response_tokens", self.max_response_tokens)
+            checks.integer("max_steps", self.max_steps)
+        checks.integer("batch_size", self.batch_size)
+        checks.integer("max_response_tokens", self.max_response_tokens)
 
 
 @dataclass
@@ -152,14 +142,12 @@ class GRPOConfig(RunConfig):
     def __post_init__(self):
         super().__post_init__()
         for name in ("steps", "prompts_per_step", "max_new_tokens", "generate_batch_size"):
-            _positive(name, getattr(self, name))
-        if not isinstance(self.group_size, int) or self.group_size < 2:
-            raise ValueError(f"group_size must be an int >= 2 (advantages compare samples), got {self.group_size!r}")
-        _positive("temperature", self.temperature, (int, float))
-        _positive("kl_coef", self.kl_coef, (int, float), allow_zero=True)
-        _positive("reward_workers", self.reward_workers, allow_zero=True)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+            checks.integer(name, getattr(self, name))
+        checks.integer("group_size", self.group_size, low=2)  # advantages compare samples
+        checks.positive("temperature", self.temperature)
+        checks.positive("kl_coef", self.kl_coef, allow_zero=True)
+        checks.integer("reward_workers", self.reward_workers, low=0)
+        checks.choice("backend", self.backend, BACKENDS)
         # the loss options are checked by ops.GRPOOptions, which names the bad one
         ops.GRPOOptions(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
                         kl_coef=self.kl_coef, kl_type=self.kl_type)

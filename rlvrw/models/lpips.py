@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlvrw import weights as weight_files
-from rlvrw.ops import _checks
+from rlvrw import checks
 from rlvrw.reference.reward import lpips_layer_distance
 
 VERSIONS = ("0.1",)
@@ -262,8 +262,8 @@ class LPIPS(nn.Module):
     ):
         super().__init__()
         net = _NET_ALIASES.get(net, net)
-        _checks.choice("net", net, NETS)
-        _checks.choice("version", version, VERSIONS)
+        checks.choice("net", net, NETS)
+        checks.choice("version", version, VERSIONS)
         if random_weights and weights is not None:
             raise ValueError("weights must be None when random_weights=True (random weights read no file)")
         spec = NET_SPECS[net]
@@ -306,7 +306,7 @@ class LPIPS(nn.Module):
     def forward(self, in0: torch.Tensor, in1: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """LPIPS distance of in0 and in1, (N, 3, H, W) in [-1, 1] (in [0, 1] with ``normalize=True``)."""
         for name, x in (("in0", in0), ("in1", in1)):
-            _checks.tensor(name, x, dims=(4,))
+            checks.tensor(name, x, dims=(4,))
             if x.shape[1] != 3:
                 raise ValueError(f"{name} must have 3 channels (N, 3, H, W), got shape {tuple(x.shape)}")
             if min(x.shape[2:]) < self.min_input_size:
@@ -314,7 +314,7 @@ class LPIPS(nn.Module):
                     f"{name} is {tuple(x.shape[2:])} pixels; LPIPS-{self.net} needs at least "
                     f"{self.min_input_size}x{self.min_input_size}"
                 )
-        _checks.shape("in1", in1, tuple(in0.shape), "in0's shape")
+        checks.shape("in1", in1, tuple(in0.shape), "in0's shape")
         if normalize:
             in0, in1 = 2 * in0 - 1, 2 * in1 - 1
         taps0 = self.tap_features(self.scale_input(in0))

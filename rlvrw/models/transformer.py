@@ -55,7 +55,7 @@ from rlvrw.models.attention import (
 )
 from rlvrw.models.copy_prior import decode_copy_ids, sequence_copy_ids
 from rlvrw.models.hf_weights import read_hf_weights
-from rlvrw.ops import _checks
+from rlvrw import checks
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -92,18 +92,15 @@ class WorldModelConfig:
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            checks.integer(name, getattr(self, name))
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even (rotary embeddings rotate pairs), got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
-        _checks.integer("copy_prior_offset", self.copy_prior_offset, low=0)
+        checks.integer("copy_prior_offset", self.copy_prior_offset, low=0)
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            checks.positive(name, getattr(self, name))
 
     @classmethod
     def small(cls, **overrides) -> WorldModelConfig:
@@ -270,7 +267,7 @@ class WorldModelTransformer(nn.Module):
         self.config = config if config is not None else WorldModelConfig()
         if not isinstance(self.config, WorldModelConfig):
             raise ValueError(f"config must be a WorldModelConfig, got {type(config).__name__}")
-        _checks.choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
+        checks.choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
         self.attention_backend = attention_backend
         self.model = Decoder(self.config)
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
@@ -300,12 +297,12 @@ class WorldModelTransformer(nn.Module):
         return self.lm_head.weight.dtype
 
     def _check_ids(self, name: str, ids) -> None:
-        _checks.tensor(name, ids, dims=(2,), dtypes=_checks.INDEX_DTYPES)
+        checks.tensor(name, ids, dims=(2,), dtypes=checks.INDEX_DTYPES)
         if ids.shape[1] < 1 or ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"{name} must have 1 to max_position_embeddings ({self.config.max_position_embeddings}) "
                              f"tokens per row, got shape {tuple(ids.shape)}")
-        _checks.same_device(**{name: ids, "model": self.lm_head.weight})
-        _checks.token_ids(name, ids, self.config.vocab_size)
+        checks.same_device(**{name: ids, "model": self.lm_head.weight})
+        checks.token_ids(name, ids, self.config.vocab_size)
 
     # ---- whole sequences ---------------------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, return_hidden: bool = False, return_logits: bool = True):
@@ -334,8 +331,7 @@ class WorldModelTransformer(nn.Module):
         autocast dtype when sampling under autocast. Reallocates if called again; ``free_cache`` releases it.
         """
         for name, value in (("max_batch", max_batch), ("max_len", max_len)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            checks.integer(name, value)
         if max_len > self.config.max_position_embeddings:
             raise ValueError(f"max_len must be <= max_position_embeddings ({self.config.max_position_embeddings}), "
                              f"got {max_len}")
@@ -394,8 +390,7 @@ class WorldModelTransformer(nn.Module):
         self._cache()
         if self.cached_prompts is None:
             raise ValueError("expand_cache needs prefilled prompts: call model.prefill(prompts) first")
-        if not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        checks.integer("group_size", group_size)
         batch, length = self.cached_prompts
         if batch * group_size > self.cache_shape[0]:
             raise ValueError(f"group_size {group_size} x {batch} prompts exceeds the cache's max_batch "
@@ -419,13 +414,13 @@ class WorldModelTransformer(nn.Module):
         (no host sync), so the call can be captured in a CUDA graph; ``pos`` must be below the cache's max_len.
         """
         cache = self._cache()
-        _checks.tensor("tokens", tokens, dims=(1,), dtypes=(torch.int64,))
-        _checks.tensor("pos", pos, dims=(0, 1), dtypes=(torch.int64,))
+        checks.tensor("tokens", tokens, dims=(1,), dtypes=(torch.int64,))
+        checks.tensor("pos", pos, dims=(0, 1), dtypes=(torch.int64,))
         if pos.numel() != 1:
             raise ValueError(f"pos must hold one position, got shape {tuple(pos.shape)}")
         if tokens.shape[0] > cache.shape[0]:
             raise ValueError(f"tokens has {tokens.shape[0]} rows, more than the cache's max_batch {cache.shape[0]}")
-        _checks.same_device(tokens=tokens, pos=pos, cache=cache)
+        checks.same_device(tokens=tokens, pos=pos, cache=cache)
         backend = self._check_cache_backend(tokens.device)
         if backend == "xformers":  # one query per row against a masked cache: not what xformers' kernels are for
             backend = "sdpa"
