@@ -16,7 +16,7 @@ from rlvrw.usage import ArgumentParser, run_command
 
 SUBCOMMANDS = {
     "data": "rlvrw.data.sim",
-    "weights": "rlvrw.weights",
+    "weights": "rlvrw.models.lpips_weights",
     "pretrain": "rlvrw.rl.pretrain",
     "rl": "rlvrw.rl.trainer",
     "eval": "rlvrw.rl.evaluate",

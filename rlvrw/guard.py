@@ -36,6 +36,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from rlvrw import checks
 from rlvrw.usage import TrainingStopped, UsageError
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,7 @@ ON_NONFINITE_HELP = ("a non-finite loss or gradient norm: stop the run (before t
 
 
 def check_on_nonfinite(value) -> str:
-    if value not in ON_NONFINITE:
-        raise UsageError(f"on_nonfinite must be one of {list(ON_NONFINITE)}, got {value!r}")
-    return value
+    return checks.choice("on_nonfinite", value, ON_NONFINITE, error=UsageError)
 
 
 def _fused(optimizer: torch.optim.Optimizer) -> bool:

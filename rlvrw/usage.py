@@ -80,15 +80,6 @@ def run_command(prog: str, command: Callable[[], int | None]) -> int:
 
 
 # ---- values ----------------------------------------------------------------------------------------------------------
-def finite_number(name: str, value, low: float | None = None, low_inclusive: bool = True) -> float:
-    """``value`` as a float: a finite int or float (not a bool), at least (or above) ``low`` when given."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UsageError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and not (value >= low if low_inclusive else value > low):
-        raise UsageError(f"{name} must be a number {'>=' if low_inclusive else '>'} {low}, got {value!r}")
-    return float(value)
-
-
 def _describe(hint) -> str:
     if hint is type(None):
         return "null"

@@ -69,7 +69,7 @@ def test_prefill_expand_and_decode_equal_full_forward(offset):
         logits = model.decode_step(continuation[:, t], torch.tensor(prompt_len + t))
         torch.testing.assert_close(logits, full[:, prompt_len + t], atol=1e-12, rtol=0)
     model.free_cache()
-    assert model.id_cache is None
+    assert model.kv_cache is None
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -161,7 +161,7 @@ def test_bad_inputs_name_the_argument():
         group_norm_silu(x, 3, torch.ones(5))
     with pytest.raises(ValueError, match="bias must be 1-D"):
         group_norm_silu(x, 3, None, torch.ones(6, 1))
-    with pytest.raises(ValueError, match="eps must be a number >= 0"):
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
         group_norm_silu(x, 3, eps=-1.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         group_norm_silu(x, 3, backend="cudnn")

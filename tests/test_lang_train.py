@@ -18,6 +18,7 @@ from rlvrw.lang import reward_pool, rollout, tasks, text_game, tiny_model, web
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 train = pytest.importorskip("rlvrw.lang.train")
+hf_model = pytest.importorskip("rlvrw.lang.hf_model")
 
 SAMPLE = EXAMPLE_DATA / "text_game" / "bytesized32_train_sample.jsonl"
 WEB_SAMPLE = EXAMPLE_DATA / "web" / "sample_tao_annotated.json"
@@ -46,7 +47,7 @@ def model_dir(records, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(model_dir):
-    return train.load_tokenizer(model_dir)
+    return hf_model.load_text_tokenizer(model_dir)
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def batch(short_records, tokenizer):
 
 
 def lora_policy(model_dir, rank=8):
-    return train.add_lora(train.load_model(model_dir, CPU, torch.float32), train.LoraSettings(rank=rank, alpha=16))
+    return hf_model.add_lora(hf_model.load_model(model_dir, CPU, torch.float32), hf_model.LoraSettings(rank=rank, alpha=16))
 
 
 # -------------------------------------------------------------------------------------------------- tiny model
@@ -78,7 +79,7 @@ def test_tiny_model_loads_like_any_model(model_dir, tokenizer, records):
 
 
 def test_prompt_without_a_chat_template(model_dir):
-    tokenizer = train.load_tokenizer(model_dir)
+    tokenizer = hf_model.load_text_tokenizer(model_dir)
     tokenizer.chat_template = None
     assert tasks.chat_prompt(tokenizer, "hello") == "hello\n"
     assert tokenizer.decode(tasks.encode_prompt(tokenizer, "hello")) == "hello\n"
@@ -87,7 +88,7 @@ def test_prompt_without_a_chat_template(model_dir):
 def test_llama_variant(tmp_path):
     path = tiny_model.build_tiny_model(str(tmp_path / "llama"), ["some text to learn from"] * 20, arch="llama",
                                        vocab_size=300, hidden_size=16, layers=1, heads=2)
-    assert train.load_model(path, CPU, torch.float32).config.model_type == "llama"
+    assert hf_model.load_model(path, CPU, torch.float32).config.model_type == "llama"
     with pytest.raises(ValueError, match="arch"):
         tiny_model.build_tiny_model(str(tmp_path / "x"), ["text"], arch="gpt2")
 
@@ -108,7 +109,7 @@ def test_pack_aligns_responses_and_rows_trim_padding():
 
 
 def test_logprobs_equal_the_models_own_logits(model_dir, batch):
-    model = train.load_model(model_dir, CPU, torch.float32, trainable=False)
+    model = hf_model.load_model(model_dir, CPU, torch.float32, trainable=False)
     with torch.no_grad():
         logp = train.response_logprobs(model, batch, temperature=0.7)
         positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -133,7 +134,7 @@ def test_sft_step_decreases_the_loss_and_lora_reference_is_the_base(model_dir, b
         after = train.sft_loss(policy, batch).item()
     assert after < before
 
-    base = train.load_model(model_dir, CPU, torch.float32, trainable=False)
+    base = hf_model.load_model(model_dir, CPU, torch.float32, trainable=False)
     with torch.no_grad():
         reference = train.reference_logprobs(policy, None, batch)
         torch.testing.assert_close(reference, train.response_logprobs(base, batch), rtol=0, atol=1e-6)
@@ -146,7 +147,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_dir, batch):
         torch.manual_seed(0)  # the same adapter initialization both times
         policy = lora_policy(model_dir)
         if checkpointing:
-            train.enable_gradient_checkpointing(policy)
+            hf_model.enable_gradient_checkpointing(policy)
         policy.train()
         train.sft_loss(policy, batch.rows(0, 2)).backward()
         grads.append({n: p.grad for n, p in policy.named_parameters() if p.requires_grad})
@@ -162,7 +163,7 @@ def test_merged_weights_are_the_merged_model(model_dir, batch):
         for name, param in policy.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    merged = dict(train.merged_weights(policy))
+    merged = dict(hf_model.merged_weights(policy))
     expected = policy.merge_and_unload().state_dict()
     assert merged.keys() == expected.keys()
     for name, tensor in expected.items():
@@ -176,20 +177,20 @@ def test_lora_checkpoint_is_a_plain_model(model_dir, batch, tmp_path):
             if "lora_B" in name:
                 param.normal_(0, 0.05)
         expected = train.response_logprobs(policy, batch)
-    tokenizer = train.load_tokenizer(model_dir)
+    tokenizer = hf_model.load_text_tokenizer(model_dir)
     path = tmp_path / "saved"
-    train.save_model(policy, tokenizer, str(path), {"step": 3})
-    train.save_model(policy, tokenizer, str(path), {"step": 4})  # over an existing one
+    hf_model.save_model(policy, tokenizer, str(path), {"step": 3})
+    hf_model.save_model(policy, tokenizer, str(path), {"step": 4})  # over an existing one
     assert json.loads((path / "trainer_state.json").read_text()) == {"step": 4}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
-    reloaded = train.load_model(str(path), CPU, torch.float32, trainable=False)
+    reloaded = hf_model.load_model(str(path), CPU, torch.float32, trainable=False)
     with torch.no_grad():
         torch.testing.assert_close(train.response_logprobs(reloaded, batch), expected, rtol=1e-5, atol=1e-5)
 
 
 # -------------------------------------------------------------------------------------------------------- GRPO
 def test_rollouts_stop_at_the_end_token(model_dir, tokenizer, short_records):
-    model = train.load_model(model_dir, CPU, torch.float32, trainable=False)
+    model = hf_model.load_model(model_dir, CPU, torch.float32, trainable=False)
     prompts = [tasks.encode_prompt(tokenizer, text_game.build_prompt(r)) for r in short_records[:2]]
     sampler = rollout.HFRollout(model, tokenizer, max_new_tokens=8, temperature=1.0, batch_size=4)
     out = sampler.generate(prompts, n=3)
@@ -251,7 +252,7 @@ def test_configs_name_bad_options(model_dir, tmp_path):
     with pytest.raises(ValueError, match="kl_type"):
         train.GRPOConfig(model=model_dir, out_dir=str(tmp_path), kl_type="k9")
     with pytest.raises(ValueError, match="lora rank"):
-        train.LoraSettings(rank=0)
+        hf_model.LoraSettings(rank=0)
     with pytest.raises(ValueError, match="backend"):
         train.GRPOConfig(model=model_dir, out_dir=str(tmp_path), backend="tgi")
 
@@ -302,7 +303,7 @@ def test_web_task_trains_too(tmp_path):
     path = tiny_model.build_tiny_model(str(tmp_path / "web"), texts, vocab_size=1024, hidden_size=16, layers=1,
                                        heads=2)
     summary = train.run_sft(task, records, train.SFTConfig(model=path, out_dir=str(tmp_path / "run"), max_steps=1,
-                                                           lora=train.LoraSettings(rank=4, alpha=8)))
+                                                           lora=hf_model.LoraSettings(rank=4, alpha=8)))
     assert summary["steps"] == 1 and (tmp_path / "run" / "model" / "config.json").exists()
 
 
@@ -325,8 +326,8 @@ def test_vllm_sampler_agrees_with_the_trainer_after_a_weight_sync(records, tmp_p
     texts = [text_game.build_prompt(r) for r in records] + [text_game.gold_response(r) for r in records]
     # head size 64: vLLM's attention kernels want a common head size
     path = tiny_model.build_tiny_model(str(tmp_path / "tiny"), texts, hidden_size=256, heads=4)
-    tokenizer = train.load_tokenizer(path)
-    policy = train.add_lora(train.load_model(path, torch.device("cuda"), torch.bfloat16), train.LoraSettings(rank=8))
+    tokenizer = hf_model.load_text_tokenizer(path)
+    policy = hf_model.add_lora(hf_model.load_model(path, torch.device("cuda"), torch.bfloat16), hf_model.LoraSettings(rank=8))
     with torch.no_grad():
         for name, param in policy.named_parameters():
             if "lora_B" in name:
@@ -365,23 +366,23 @@ def test_a_non_finite_loss_is_never_an_update_nor_a_saved_model(model_dir, batch
         if param.requires_grad:
             torch.testing.assert_close(param, before[name], rtol=0, atol=0, equal_nan=True)
     with pytest.raises(TrainingStopped, match="never saved"):
-        train.save_model(policy, train.load_tokenizer(model_dir), str(tmp_path / "saved"))
+        hf_model.save_model(policy, hf_model.load_text_tokenizer(model_dir), str(tmp_path / "saved"))
     assert not (tmp_path / "saved").exists()
 
 
 def test_non_finite_settings_and_a_corrupt_model_are_named(model_dir, tmp_path):
     from rlvrw.files import CorruptFileError
 
-    with pytest.raises(ValueError, match="lr must be a number > 0, got inf"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got inf"):
         train.SFTConfig(model=model_dir, out_dir=str(tmp_path), lr=float("inf"))
     with pytest.raises(ValueError, match="temperature"):
         train.GRPOConfig(model=model_dir, out_dir=str(tmp_path), temperature=float("nan"))
     with pytest.raises(ValueError, match="on_nonfinite"):
         train.SFTConfig(model=model_dir, out_dir=str(tmp_path), on_nonfinite="ignore")
     saved = tmp_path / "saved"
-    model = train.load_model(model_dir, CPU, torch.float32)
-    train.save_model(model, train.load_tokenizer(model_dir), str(saved))
+    model = hf_model.load_model(model_dir, CPU, torch.float32)
+    hf_model.save_model(model, hf_model.load_text_tokenizer(model_dir), str(saved))
     weights = saved / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
     with pytest.raises(CorruptFileError, match=r"model\.safetensors: truncated"):
-        train.load_model(str(saved), CPU, torch.float32)
+        hf_model.load_model(str(saved), CPU, torch.float32)

@@ -145,12 +145,12 @@ def test_vllm_logprobs_are_after_temperature(tmp_path):
     """After a weight sync that sharpens the output layer, the sampler's log-probs at temperature 0.7 are the
     trainer's at 0.7 (bf16 noise aside), and far from the trainer's at 1."""
     pytest.importorskip("vllm", reason="vllm is not installed")
-    from rlvrw.lang import tiny_model, train
+    from rlvrw.lang import hf_model, tiny_model, train
 
     texts = [f"the box {i} moves {'left' if i % 2 else 'right'} by {i % 7} steps" for i in range(200)]
     path = tiny_model.build_tiny_model(str(tmp_path / "tiny"), texts, hidden_size=256, heads=4)  # head size 64
-    tokenizer = train.load_tokenizer(path)
-    policy = train.load_model(path, torch.device("cuda"), torch.bfloat16)
+    tokenizer = hf_model.load_text_tokenizer(path)
+    policy = hf_model.load_model(path, torch.device("cuda"), torch.bfloat16)
     engine = rollout.VLLMRollout(path, rollout.stop_token_ids(policy, tokenizer), max_new_tokens=16,
                                  temperature=0.7, gpu_memory_utilization=0.2, max_model_len=512)
     with torch.no_grad():  # logits of std ~1.5 rather than the init's ~0.3: temperature then matters

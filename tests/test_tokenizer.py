@@ -432,7 +432,7 @@ def test_compressive_training_bad_inputs():
     with pytest.raises(ValueError, match="consistency_weight must be 0 for a CompressiveTokenizer"):
         train_tokenizer(model, frames, TrainConfig(steps=1, batch_size=2, consistency_weight=1.0), log=None,
                         clips=clips)
-    with pytest.raises(ValueError, match="future_frames must be non-negative"):
+    with pytest.raises(ValueError, match="future_frames must be an int >= 0"):
         TrainConfig(future_frames=-1)
 
 

@@ -248,7 +248,28 @@ def test_expand_cache_equals_prefilling_each_sample():
     full = model(torch.cat([prompts.repeat_interleave(group, 0), continuation], 1))
     torch.testing.assert_close(torch.stack(expanded, 1), full[:, prompt_len:], atol=1e-5, rtol=0)
     model.free_cache()
-    assert model.cache_shape is None and model.model.layers[0].self_attn.k_cache is None
+    assert model.kv_cache is None
+
+
+def test_kv_cache_holds_all_decoding_state():
+    """setup_cache makes one KVCache (keys and values per layer, the decode mask, the prompt extent); the modules
+    hold no tensor besides their parameters, so nothing of the cache leaks into state dicts."""
+    model = tiny_model(**TINY_GQA)
+    keys_before = set(model.state_dict())
+    model.setup_cache(max_batch=6, max_len=20)
+    cache = model.kv_cache
+    assert isinstance(cache, T.KVCache) and cache.ids is None and cache.prompts is None
+    assert len(cache.keys) == len(cache.values) == TINY["num_hidden_layers"]
+    assert all(t.shape == (6, 20, 2, 8) for t in cache.keys + cache.values)
+    model.prefill(random_ids(2, 9))
+    assert cache.prompts == (2, 9)
+    model.expand_cache(3)
+    assert cache.prompts == (6, 9)
+    model.decode_step(random_ids(6, 1)[:, 0], torch.tensor(9))
+    assert torch.equal(cache.visible[0], torch.arange(20) <= 9)
+    assert set(model.state_dict()) == keys_before
+    for module in model.modules():
+        assert not [name for name, value in vars(module).items() if isinstance(value, torch.Tensor)], module
 
 
 def test_rollout_driven_by_layout_tables():

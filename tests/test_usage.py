@@ -153,7 +153,7 @@ CASES = [
     ("tokenizer 0-byte --frames", lambda i: ["tokenizer", "--frames", i["empty.npz"]], ["frames", "empty"]),
     ("tokenizer --frames not an npz", lambda i: ["tokenizer", "--frames", i["a_file"]], ["frames", "cannot be read"]),
     ("tokenizer wrong --key", lambda i: tokenizer_args(i, "--key", "frames"), ["--key", "'frames'"]),
-    ("tokenizer negative --steps", lambda i: tokenizer_args(i, "--steps", "-1"), ["steps", "at least 1"]),
+    ("tokenizer negative --steps", lambda i: tokenizer_args(i, "--steps", "-1"), ["steps", "positive int"]),
     ("tokenizer negative --batch-size", lambda i: tokenizer_args(i, "--batch-size", "-1"), ["batch_size"]),
     ("tokenizer negative --size", lambda i: tokenizer_args(i, "--size", "-4", "4"), ["--size", "positive"]),
     ("tokenizer --lr inf", lambda i: tokenizer_args(i, "--lr", "inf"), ["lr", "finite"]),

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlvrw import files
+from rlvrw import checks, files
 
 NUM_BINS = 256
 RANGE_EPS = 1e-8  # keeps the division finite for a dimension that never varies
@@ -112,8 +112,7 @@ class ActionDiscretizer:
     """Maps continuous actions (..., A) to bin ids (..., A) in [0, num_bins), per dimension (see the module doc)."""
 
     def __init__(self, low, high, num_bins: int = NUM_BINS):
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-            raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
+        checks.integer("num_bins", num_bins)
         stats = ActionStats(np.asarray(low), np.asarray(high), 0, 0)  # validates low and high
         self.low = stats.low
         self.high = stats.high

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rlvrw.data.actions import ActionDiscretizer, ActionStats, compute_action_stats
-from rlvrw import files
+from rlvrw import checks, files
 from rlvrw.usage import MissingDependencyError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -250,10 +250,8 @@ def list_episodes(root: str | Path) -> list[Path]:
 
 def split_episodes(paths: Sequence[Path], split: str, test_every: int = TEST_EVERY) -> list[Path]:
     """The episodes of ``split`` ("train", "test" or "all") among ``paths`` (in the order given: sort them first)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if isinstance(test_every, bool) or not isinstance(test_every, int) or test_every < 1:
-        raise ValueError(f"test_every must be a positive int, got {test_every!r}")
+    checks.choice("split", split, SPLITS)
+    checks.integer("test_every", test_every)
     if split == "all":
         return list(paths)
     want_test = split == "test"
@@ -317,12 +315,6 @@ def clip_frame_indices(num_steps: int, clip_frames: int, frame_skip: int, rng: n
     return np.minimum(start + step * np.arange(clip_frames), num_steps - 1)
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _frame_size(size) -> tuple[int, int] | None:
     if size is None:
         return None
@@ -368,12 +360,10 @@ class EpisodeClips(torch.utils.data.Dataset):
         self.paths = split_episodes(list_episodes(self.root), split, test_every)
         if not self.paths:
             raise UsageError(f"root {str(self.root)!r} has no {split} episodes (*.npz files)")
-        self.clip_frames = _positive_int("clip_frames", clip_frames)
-        self.frame_skip = _positive_int("frame_skip", frame_skip)
+        self.clip_frames = checks.integer("clip_frames", clip_frames)
+        self.frame_skip = checks.integer("frame_skip", frame_skip)
         self.size = _frame_size(size)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        self.seed = seed
+        self.seed = checks.integer("seed", seed, low=0)
         self.epoch = 0
         self.image_key = image_key
         self.actions = bool(actions)
@@ -391,9 +381,7 @@ class EpisodeClips(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the clip starts of another epoch (call it in every worker, as with a DistributedSampler)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        self.epoch = epoch
+        self.epoch = checks.integer("epoch", epoch, low=0)
 
     @property
     def skipped(self) -> list[Path]:
@@ -501,7 +489,7 @@ def convert_rlds(builder_dir: str | Path, out_dir: str | Path, *, max_episodes: 
                                      "tensorflow-datasets); "
                           "it is not a dependency of rlvrw") from err
     if max_episodes is not None:
-        _positive_int("max_episodes", max_episodes)
+        checks.integer("max_episodes", max_episodes)
     out_dir = Path(out_dir)
     builder = tfds.builder_from_directory(builder_dir=str(builder_dir))
     converted = 0
@@ -546,7 +534,7 @@ class DaliClipLoader:
         except ImportError as err:
             raise MissingDependencyError("DaliClipLoader needs NVIDIA DALI (pip install nvidia-dali-cuda120)") from err
         self.clips = clips
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = checks.integer("batch_size", batch_size)
         self.indices = list(range(len(clips))) if indices is None else [int(i) for i in indices]
         self.device_id = device_id
         self._feed_ndarray = feed_ndarray

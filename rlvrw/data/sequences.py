@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlvrw import checks
+
 # What a position holds: the values of ``LayoutTables.kind``.
 FRAME, CONTEXT, ACTION, BOS, EOS = range(5)
 KIND_NAMES = ("frame", "context", "action", "bos", "eos")
@@ -102,18 +104,15 @@ class SequenceLayout:
         )
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        checks.choice("mode", self.mode, MODES)
         for name in ("frame_tokens", "context_frames", "action_dims", "action_bins", "codebook_size",
                      "predicted_frames"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            checks.integer(name, getattr(self, name))
         if self.mode == "single_step" and (self.context_tokens != 0 or self.predicted_frames != 1):
             raise ValueError("a single_step layout has context_tokens=0 and predicted_frames=1, got "
                              f"context_tokens={self.context_tokens!r}, predicted_frames={self.predicted_frames!r}")
-        if self.mode == "multi_step" and (not isinstance(self.context_tokens, int) or self.context_tokens < 1):
-            raise ValueError(f"context_tokens must be a positive int, got {self.context_tokens!r}")
+        if self.mode == "multi_step":
+            checks.integer("context_tokens", self.context_tokens)
 
     # ---- ids ---------------------------------------------------------------------------------------------------------
     @property

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from rlvrw import files, usage
+from rlvrw import checks, files, usage
 from rlvrw.files import cache_dir
 from rlvrw.data.rt1 import STATS_FILE, dataset_action_stats, list_episodes, save_episode
 from rlvrw.usage import MissingDependencyError, UsageError
@@ -96,26 +96,21 @@ class GenerationConfig:
         return data
 
 
-def _int_at_least(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise UsageError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
 def make_config(sim: str, episodes: int, frames_per_episode: int, size, seed: int, tasks=None,
                 action_repeat: int | None = None) -> GenerationConfig:
     """Validate ``generate``'s settings."""
-    if sim not in SIMULATORS:
-        raise UsageError(f"sim must be one of {SIMULATORS}, got {sim!r}")
-    episodes = _int_at_least("episodes", episodes, 2)  # episode 0 is a test episode; the statistics need another
-    frames = _int_at_least("frames_per_episode", frames_per_episode, 1)
+    checks.choice("sim", sim, SIMULATORS, error=UsageError)
+    # episode 0 is a test episode; the statistics need another
+    episodes = checks.integer("episodes", episodes, 2, error=UsageError)
+    frames = checks.integer("frames_per_episode", frames_per_episode, error=UsageError)
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         size = (size, size)
     if not isinstance(size, (tuple, list)) or len(size) != 2:
         raise UsageError(f"size must be an int or (height, width), got {size!r}")
-    size = (_int_at_least("size", size[0], 8), _int_at_least("size", size[1], 8))
-    seed = _int_at_least("seed", seed, 0)
-    repeat = DEFAULT_ACTION_REPEAT[sim] if action_repeat is None else _int_at_least("action_repeat", action_repeat, 1)
+    size = (checks.integer("size", size[0], 8, error=UsageError), checks.integer("size", size[1], 8, error=UsageError))
+    seed = checks.integer("seed", seed, 0, error=UsageError)
+    repeat = DEFAULT_ACTION_REPEAT[sim] if action_repeat is None else checks.integer("action_repeat", action_repeat,
+                                                                                      error=UsageError)
     if sim == "pusht":
         if tasks is not None:
             raise UsageError("tasks applies to sim='metaworld' only")
@@ -372,7 +367,7 @@ def generate(sim: str = "pusht", out_dir: str | Path | None = None, episodes: in
     other settings, or episode files without a manifest, raises ValueError.
     """
     config = make_config(sim, episodes, frames_per_episode, size, seed, tasks, action_repeat)
-    workers = _int_at_least("workers", workers, 1)
+    workers = checks.integer("workers", workers, error=UsageError)
     configure_headless()  # here too, so that spawned workers inherit the choice and the manifest records it
     if out_dir is None:
         out_dir = cache_dir("sim", dataset_name(config))

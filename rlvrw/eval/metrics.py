@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from rlvrw.models.lpips import LPIPS
-from rlvrw.ops import _checks
+from rlvrw import checks
 from rlvrw.reference import reward as reference
 from rlvrw.reference.logprobs import compute_dtype
 from rlvrw.reference.reward import SSIM_K1, SSIM_K2, gaussian_window  # noqa: F401 (this module's public names)
@@ -33,10 +33,10 @@ _LPIPS_MODELS: dict[tuple[str, str], LPIPS] = {}
 
 
 def _check_frames(pred: torch.Tensor, target: torch.Tensor, channels: int | None = None) -> torch.dtype:
-    _checks.tensor("pred", pred, dims=(4,))
-    _checks.tensor("target", target, dims=(4,))
-    _checks.shape("target", target, tuple(pred.shape), "pred's shape (N, C, H, W)")
-    _checks.same_device(pred=pred, target=target)
+    checks.tensor("pred", pred, dims=(4,))
+    checks.tensor("target", target, dims=(4,))
+    checks.shape("target", target, tuple(pred.shape), "pred's shape (N, C, H, W)")
+    checks.same_device(pred=pred, target=target)
     if channels is not None and pred.shape[1] != channels:
         raise ValueError(f"pred must have {channels} channels (N, {channels}, H, W), got shape {tuple(pred.shape)}")
     return compute_dtype(pred.dtype)
@@ -56,7 +56,7 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Peak signal-to-noise ratio per frame in dB, ``10 * log10(data_range^2 / MSE)``, (N,)."""
-    _checks.positive("data_range", data_range)
+    checks.positive("data_range", data_range)
     return 10.0 * torch.log10(data_range**2 / mse(pred, target))
 
 
@@ -66,10 +66,11 @@ def ssim(
     """Structural similarity per frame, (N,): Gaussian-weighted local means, variances and covariance of each
     channel, the SSIM map over the pixels whose window lies inside the frame, its mean, averaged over channels."""
     dtype = _check_frames(pred, target)
-    _checks.positive("data_range", data_range)
-    _checks.positive("sigma", sigma)
-    if not isinstance(window_size, int) or window_size < 1 or window_size % 2 == 0:
-        raise ValueError(f"window_size must be an odd int >= 1, got {window_size!r}")
+    checks.positive("data_range", data_range)
+    checks.positive("sigma", sigma)
+    checks.integer("window_size", window_size)
+    if window_size % 2 == 0:
+        raise ValueError(f"window_size must be odd, got {window_size!r}")
     if min(pred.shape[-2:]) < window_size:
         raise ValueError(f"pred frames are {pred.shape[-2]}x{pred.shape[-1]}; SSIM with a {window_size}-tap window "
                          "needs at least that size")
@@ -91,8 +92,7 @@ def lpips(
     """LPIPS v0.1 per frame, (N,), for frames in [0, 1]; in batches of ``batch_size`` frames, without autograd.
     ``model`` overrides the cached ``lpips_model(net, pred.device)``."""
     dtype = _check_frames(pred, target, channels=3)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    checks.integer("batch_size", batch_size)
     if model is None:
         model = lpips_model(net, pred.device)
     with torch.no_grad():
@@ -125,9 +125,8 @@ def best_of_n(scores: torch.Tensor, group_size: int, maximize: bool = True) -> t
     ``maximize=False`` for metrics where lower is better (MSE, LPIPS). The indices select the chosen samples' other
     metrics (``mse[idx]``). A NaN score wins its group, so a broken sample is never hidden behind a good one.
     """
-    _checks.tensor("scores", scores, dims=(1,))
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    checks.tensor("scores", scores, dims=(1,))
+    checks.integer("group_size", group_size)
     if scores.numel() % group_size or scores.numel() == 0:
         raise ValueError(f"group_size ({group_size}) must divide the number of scores ({scores.numel()}), which is > 0")
     grouped = scores.view(-1, group_size)

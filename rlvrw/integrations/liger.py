@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 import rlvrw.ops as ops
+from rlvrw import checks
 from rlvrw.integrations import head_logprobs
 from rlvrw.integrations._trl_options import ratio_weighted_kl, trl_loss_options
 
@@ -69,8 +70,7 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         vespo_lambda_neg: float = 2.0,
     ):
         super().__init__()
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        checks.positive("temperature", temperature)
         self.options = trl_loss_options(loss_type, epsilon_low, epsilon_high, beta, delta, importance_sampling_level,
                                         max_completion_length)
         self.beta = beta

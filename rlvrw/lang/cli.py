@@ -126,7 +126,7 @@ def _records(args):
 
 
 def _config(cls, args):
-    from rlvrw.lang.train import LoraSettings
+    from rlvrw.lang.hf_model import LoraSettings
 
     names = {f.name for f in dataclasses.fields(cls)} - {"lora"}
     given = {name: value for name, value in vars(args).items() if name in names and value is not None}
@@ -136,7 +136,7 @@ def _config(cls, args):
 
 
 def _quiet_libraries():
-    from rlvrw.lang.train import transformers
+    from rlvrw.lang.hf_model import transformers
 
     transformers()  # without it, one line naming the extra to install
     from transformers.utils import logging as hf_logging

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from rlvrw import checks
+from rlvrw.lang.hf_model import merged_weights
+
 
 @dataclass
 class Rollouts:
@@ -72,12 +75,9 @@ class HFRollout:
     """
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int, temperature: float = 1.0, batch_size: int = 16):
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        checks.integer("max_new_tokens", max_new_tokens)
+        checks.number("temperature", temperature, low=0)
+        checks.integer("batch_size", batch_size)
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, float(temperature), batch_size
         self.stop_ids = stop_token_ids(model, tokenizer)
@@ -178,8 +178,6 @@ class VLLMRollout:
 
     @torch.no_grad()
     def sync_weights(self, model) -> None:
-        from rlvrw.lang.train import merged_weights
-
         weights = merged_weights(model)
         self.llm.apply_model(lambda engine_model: engine_model.load_weights(weights))
         self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights

@@ -8,6 +8,7 @@ like any model.
 
 from __future__ import annotations
 
+from rlvrw import checks
 from rlvrw.files import write_directory
 
 PAD_TOKEN, TURN_START, TURN_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -25,8 +26,7 @@ def train_tokenizer(texts, vocab_size: int = 2048):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if not isinstance(vocab_size, int) or vocab_size < 300:
-        raise ValueError(f"vocab_size must be an int >= 300 (256 bytes, special tokens, merges), got {vocab_size!r}")
+    checks.integer("vocab_size", vocab_size, low=300)  # 256 bytes, the special tokens, some merges
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

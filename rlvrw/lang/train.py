@@ -19,8 +19,7 @@ Optimizer steps go through ``rlvrw.guard.NonFiniteGuard``: a non-finite loss or 
 its update (``on_nonfinite="stop"``) or skips and counts the update (``"skip"``); a model with a non-finite weight is
 never saved.
 
-Heavy dependencies (transformers, peft) are imported when a model is loaded; without them, the error says which
-extra installs them.
+Loading, LoRA and saving the models: ``rlvrw.lang.hf_model``.
 """
 
 from __future__ import annotations
@@ -35,11 +34,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlvrw import ops
-from rlvrw.files import verify_directory, write_directory, write_json
-from rlvrw.guard import NonFiniteGuard, check_finite_state, check_on_nonfinite
+from rlvrw import checks, ops
+from rlvrw.guard import NonFiniteGuard, check_on_nonfinite
+from rlvrw.lang.hf_model import (
+    DTYPES,
+    LoraSettings,
+    add_lora,
+    causal_lm,
+    enable_gradient_checkpointing,
+    is_lora,
+    load_model,
+    load_text_tokenizer,
+    require_peft,
+    resolve_device,
+    resolve_dtype,
+    save_model,
+    trainable_parameters,
+)
 from rlvrw.lang.tasks import Task, encode_prompt, encode_response
-from rlvrw.usage import UsageError, require
+from rlvrw.usage import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +61,6 @@ FINAL_MODEL = "model"
 
 
 # ------------------------------------------------------------------------------------------------------ settings
-def _positive(name, value, kind=int, allow_zero=False):
-    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) \
-        and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        noun = "an int" if kind is int else "a number"
-        raise ValueError(f"{name} must be {noun} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters (``peft``): rank 32, alpha 16, on every linear layer but the output layer by default."""
-
-    rank: int = 32
-    alpha: int = 16
-    target_modules: str | list[str] = "all-linear"
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        _positive("lora rank", self.rank)
-        _positive("lora alpha", self.alpha, (int, float))
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
-
-
 @dataclass
 class RunConfig:
     """What SFT and GRPO runs share. ``lora=None`` trains every weight."""
@@ -96,14 +85,13 @@ class RunConfig:
             raise ValueError(f"model must be a local model directory, got {self.model!r}")
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise ValueError(f"out_dir must be a directory path, got {self.out_dir!r}")
-        _positive("lr", self.lr, (int, float))
-        _positive("weight_decay", self.weight_decay, (int, float), allow_zero=True)
-        _positive("max_grad_norm", self.max_grad_norm, (int, float))
-        _positive("micro_batch_size", self.micro_batch_size)
-        _positive("max_prompt_tokens", self.max_prompt_tokens)
-        _positive("save_every", self.save_every, allow_zero=True)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        checks.positive("lr", self.lr)
+        checks.positive("weight_decay", self.weight_decay, allow_zero=True)
+        checks.positive("max_grad_norm", self.max_grad_norm)
+        checks.integer("micro_batch_size", self.micro_batch_size)
+        checks.integer("max_prompt_tokens", self.max_prompt_tokens)
+        checks.integer("save_every", self.save_every, low=0)
+        checks.choice("dtype", self.dtype, tuple(DTYPES))
         check_on_nonfinite(self.on_nonfinite)
 
 
@@ -120,11 +108,11 @@ class SFTConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive("epochs", self.epochs)
+        checks.integer("epochs", self.epochs)
         if self.max_steps is not None:
-            _positive("max_steps", self.max_steps)
-        _positive("batch_size", self.batch_size)
-        _positive("max_response_tokens", self.max_response_tokens)
+            checks.integer("max_steps", self.max_steps)
+        checks.integer("batch_size", self.batch_size)
+        checks.integer("max_response_tokens", self.max_response_tokens)
 
 
 @dataclass
@@ -152,142 +140,18 @@ class GRPOConfig(RunConfig):
     def __post_init__(self):
         super().__post_init__()
         for name in ("steps", "prompts_per_step", "max_new_tokens", "generate_batch_size"):
-            _positive(name, getattr(self, name))
-        if not isinstance(self.group_size, int) or self.group_size < 2:
-            raise ValueError(f"group_size must be an int >= 2 (advantages compare samples), got {self.group_size!r}")
-        _positive("temperature", self.temperature, (int, float))
-        _positive("kl_coef", self.kl_coef, (int, float), allow_zero=True)
-        _positive("reward_workers", self.reward_workers, allow_zero=True)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+            checks.integer(name, getattr(self, name))
+        checks.integer("group_size", self.group_size, low=2)  # advantages compare samples
+        checks.positive("temperature", self.temperature)
+        checks.positive("kl_coef", self.kl_coef, allow_zero=True)
+        checks.integer("reward_workers", self.reward_workers, low=0)
+        checks.choice("backend", self.backend, BACKENDS)
         # the loss options are checked by ops.GRPOOptions, which names the bad one
         ops.GRPOOptions(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
                         kl_coef=self.kl_coef, kl_type=self.kl_type)
 
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("auto", "hf", "vllm")
-
-
-# ------------------------------------------------------------------------------------------------------ the model
-def resolve_device(device: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on a GPU, float32 on the CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[dtype]
-
-
-def transformers():
-    """The ``transformers`` package, or a one-line error naming the extra that installs it."""
-    return require("transformers", "rlvrw.lang's language models", "transformers", "lang")
-
-
-def load_tokenizer(model_dir: str):
-    tokenizer = transformers().AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_model(model_dir: str, device: torch.device, dtype: torch.dtype, *, trainable: bool = True):
-    """A causal LM from a local directory (nothing is downloaded), on ``device`` in ``dtype``; frozen unless
-    ``trainable``. A directory this module wrote is checked against its manifest first (``rlvrw.files``)."""
-    verify_directory(model_dir)
-    model = transformers().AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    model = model.to(device)
-    model.requires_grad_(trainable)
-    return model if trainable else model.eval()
-
-
-def add_lora(model, settings: LoraSettings):
-    """Wrap ``model`` with LoRA adapters; only they train. The output layer is never adapted: log-probs are taken
-    from its weight directly."""
-    peft = require_peft()
-
-    config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=settings.target_modules,
-                             lora_dropout=settings.dropout, task_type="CAUSAL_LM")
-    wrapped = peft.get_peft_model(model, config)
-    if isinstance(wrapped.get_output_embeddings(), peft.tuners.lora.LoraLayer):
-        raise ValueError("lora target_modules must not include the output layer (lm_head)")
-    return wrapped
-
-
-def require_peft():
-    """The ``peft`` package, or a one-line error naming the extra that installs it."""
-    return require("peft", "LoRA training (lora; full fine-tuning, `--no-lora`, does not)", "peft", "lang")
-
-
-def is_lora(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # without peft no model has adapters
-        return False
-    return isinstance(model, PeftModel)
-
-
-def _causal_lm(model):
-    return model.get_base_model() if is_lora(model) else model
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute each layer's activations in the backward (non-reentrant, so frozen inputs are fine)."""
-    causal_lm = _causal_lm(model)
-    kwargs = {"use_reentrant": False}
-    if hasattr(causal_lm, "activation_checkpointing_enable"):  # transformers 5 renamed it
-        causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def merged_weights(model):
-    """``(name, tensor)`` of the model as a plain causal LM: LoRA deltas added to their base weights, adapter
-    tensors left out, names as in the base model's checkpoint. The model is not modified (no merge/unmerge, whose
-    rounding would drift the base weights in low precision). For weight sync and checkpoints."""
-    if not is_lora(model):
-        yield from model.state_dict().items()
-        return
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    adapted = {f"{name}.base_layer.weight": module for name, module in base.named_modules()
-               if isinstance(module, LoraLayer) and not module.merged}
-    for name, tensor in base.state_dict().items():
-        if ".lora_" in name:
-            continue
-        if name in adapted:  # the delta is made when its weight is reached: one layer's worth of memory at a time
-            module = adapted[name]
-            tensor = tensor + sum(module.get_delta_weight(a) for a in module.active_adapters).to(tensor.dtype)
-        yield name.replace(".base_layer.", "."), tensor
-
-
-def save_model(model, tokenizer, path: str, info: dict | None = None) -> None:
-    """A plain model directory at ``path`` (LoRA merged in), with the tokenizer and ``info`` as
-    ``trainer_state.json``; written whole or not at all."""
-    plain = merged_copy(model) if is_lora(model) else model
-    check_finite_state(plain.named_parameters(), f"model {path}")
-
-    def write(tmp):
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if info is not None:
-            write_json(os.path.join(tmp, "trainer_state.json"), info)
-
-    write_directory(path, write)
-
-
-def merged_copy(model):
-    """A plain causal LM holding ``merged_weights(model)``. It is built on the meta device, so no random
-    initialization is paid for, and shares the tensors LoRA does not change."""
-    base = model.get_base_model()
-    with torch.device("meta"):
-        plain = transformers().AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
-    plain.load_state_dict(dict(merged_weights(model)), assign=True)
-    plain.generation_config = base.generation_config
-    return plain
 
 
 # ------------------------------------------------------------------------------------------------------- batches
@@ -358,14 +222,14 @@ def response_logprobs(model, batch: TokenBatch, temperature: float = 1.0) -> tor
     The decoder's last hidden states (final norm applied) go with the output layer's weight to
     ``ops.linear_token_logprobs``; positions come from the attention mask, as in generation with left padding.
     """
-    causal_lm = _causal_lm(model)
+    lm = causal_lm(model)
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = causal_lm.get_decoder()(
+    hidden = lm.get_decoder()(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     start = batch.prompt_len - 1
     hidden = hidden[:, start:start + batch.response_ids.shape[1]]
-    weight = causal_lm.get_output_embeddings().weight
+    weight = lm.get_output_embeddings().weight
     return ops.linear_token_logprobs(hidden.to(weight.dtype), weight, batch.response_ids, temperature)
 
 
@@ -400,7 +264,7 @@ def sft_update(model, optimizer, batch: TokenBatch, micro_batch_size: int, max_g
         loss = sft_loss(model, batch.rows(start, stop), num_tokens)
         loss.backward()
         total += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(model), max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_grad_norm)
     _optimizer_step(optimizer, guard, step, loss=total, grad_norm=grad_norm)
     return {"loss": float(total), "grad_norm": float(grad_norm)}
 
@@ -447,15 +311,11 @@ def grpo_update(policy, optimizer, batch: TokenBatch, advantages: torch.Tensor, 
         old_logp[start:stop, :width] = logp.detach()
         for key, value in (("loss", loss.detach()), ("pg_loss", stats["pg_loss"]), ("kl", stats["kl"])):
             sums[key] += value
-    grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(policy), max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(policy), max_grad_norm)
     _optimizer_step(optimizer, guard, step, loss=sums["loss"], pg_loss=sums["pg_loss"], kl=sums["kl"],
                     grad_norm=grad_norm)
     return {**{key: float(value) for key, value in sums.items()}, "grad_norm": float(grad_norm),
             "old_logp": old_logp}
-
-
-def _trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 # ------------------------------------------------------------------------------------------------------ the runs
@@ -466,7 +326,7 @@ def _setup(cfg: RunConfig):
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.lora is not None:
         require_peft()  # before the model loads: a missing package is said at once
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_text_tokenizer(cfg.model)
     model = load_model(cfg.model, device, dtype)
     if cfg.lora is not None:
         model.requires_grad_(False)
@@ -474,7 +334,7 @@ def _setup(cfg: RunConfig):
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
-    optimizer = torch.optim.AdamW(_trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     os.makedirs(cfg.out_dir, exist_ok=True)
     return device, dtype, tokenizer, model, optimizer
 
@@ -664,7 +524,7 @@ def generate_responses(task: Task, records: list[dict], model_dir: str, *, max_n
     from rlvrw.lang.rollout import HFRollout
 
     torch_device = resolve_device(device)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_text_tokenizer(model_dir)
     model = load_model(model_dir, torch_device, resolve_dtype(dtype, torch_device), trainable=False)
     sampler = HFRollout(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                         batch_size=batch_size)

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rlvrw import ops
+from rlvrw import checks, ops
 from rlvrw.ops.fsq import check_levels
 from rlvrw.reference.fsq import codebook_size
 
@@ -41,9 +41,7 @@ class FSQ(nn.Module):
         self.levels = check_levels(levels)
         self.codebook_dim = len(self.levels)
         self.codebook_size = codebook_size(self.levels)
-        self.dim = self.codebook_dim if dim is None else int(dim)
-        if self.dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.dim = self.codebook_dim if dim is None else checks.integer("dim", dim)
         self.channel_first = channel_first
         self.has_projections = self.dim != self.codebook_dim
         if self.has_projections:

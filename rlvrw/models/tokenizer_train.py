@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlvrw import usage
+from rlvrw import checks, usage
 from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard, check_on_nonfinite
 from rlvrw.models.checkpoints import safetensors_available, save_tokenizer
 from rlvrw.models.tokenizer import CompressiveTokenizer, FrameTokenizer
@@ -68,22 +68,16 @@ class TrainConfig:
         usage.check_types(self)
         check_on_nonfinite(self.on_nonfinite)
         for name in ("steps", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.future_frames < 0:
-            raise ValueError(f"future_frames must be non-negative, got {self.future_frames}")
+            checks.integer(name, getattr(self, name), error=UsageError)
+        for name in ("future_frames", "warmup_steps", "gan_start"):
+            checks.integer(name, getattr(self, name), low=0)
         for name in ("lr", "weight_decay", "grad_clip", "l1_weight", "perceptual_weight", "gan_weight",
                      "consistency_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+            checks.number(name, getattr(self, name), low=0)
         if self.consistency_weight > 0 and self.batch_size % 2:
             raise ValueError(f"batch_size must be even when consistency_weight > 0 (pairs of frames), got "
                              f"{self.batch_size}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0 or self.gan_start < 0:
-            raise ValueError(f"warmup_steps and gan_start must be non-negative, got {self.warmup_steps}, "
-                             f"{self.gan_start}")
+        checks.number("min_lr_ratio", self.min_lr_ratio, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

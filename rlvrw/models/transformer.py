@@ -17,14 +17,15 @@ thuml/rt1-world-model-* checkpoints) as is, and ``save_pretrained`` writes one t
     hidden = model(ids, return_logits=False)          # never makes the (B, T, V) logits; score with
     logp = ops.linear_token_logprobs(hidden, model.lm_head.weight, targets)
 
-Sampling uses a static, preallocated KV cache; the decode step has static shapes, takes its position as a tensor and
-has no data-dependent Python branch, so it can be captured in a CUDA graph:
+Sampling uses one static, preallocated ``KVCache`` (``model.kv_cache``) that holds all decoding state; prefill and
+the decode step are one forward path that writes into it. The decode step has static shapes, takes its position as a
+tensor and has no data-dependent Python branch, so it can be captured in a CUDA graph:
 
-    model.setup_cache(max_batch, max_len)       # caches (max_batch, max_len, kv_heads, head_dim) per layer
+    model.setup_cache(max_batch, max_len)       # model.kv_cache: keys, values (max_batch, max_len, kv_heads, head_dim)
     last = model.prefill(prompts)               # prompts (B, P) -> logits (B, V) at position P-1; fills slots [0, B)
     model.expand_cache(group_size)              # copies prompt b's cache to slots b*G .. b*G+G-1, without recompute
     logits = model.decode_step(tokens, pos)     # tokens (n,) at position pos (0-d int64 tensor) -> logits (n, V)
-    model.free_cache()
+    model.free_cache()                          # model.kv_cache = None
 
 Attention runs through flash-attn (``flash_attn_func``; ``flash_attn_with_kvcache`` when decoding) when it is
 installed and the tensors are fp16/bf16 on a GPU of compute capability >= 8.0 with head_dim <= 256, else xformers'
@@ -55,7 +56,7 @@ from rlvrw.models.attention import (
 )
 from rlvrw.models.copy_prior import decode_copy_ids, sequence_copy_ids
 from rlvrw.models.hf_weights import read_hf_weights
-from rlvrw.ops import _checks
+from rlvrw import checks
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -92,18 +93,15 @@ class WorldModelConfig:
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            checks.integer(name, getattr(self, name))
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even (rotary embeddings rotate pairs), got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
-        _checks.integer("copy_prior_offset", self.copy_prior_offset, low=0)
+        checks.integer("copy_prior_offset", self.copy_prior_offset, low=0)
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            checks.positive(name, getattr(self, name))
 
     @classmethod
     def small(cls, **overrides) -> WorldModelConfig:
@@ -154,6 +152,87 @@ class WorldModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The KV cache
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """All of the model's decoding state, in static tensors that a CUDA graph of the decode step reads and writes:
+
+    - ``keys[l]``, ``values[l]`` (max_batch, max_len, kv_heads, head_dim): layer l's keys and values (flash-attn's
+      cache layout), zeroed at allocation;
+    - ``ids`` (max_batch, max_len) int64, with a copy prior (None without): the ids so far, which the copy embedding
+      of each decoded position looks up;
+    - ``visible`` (1, max_len) bool: the positions the current decode step attends to, ``arange(max_len) <= pos``;
+    - ``prompts``: (rows, length) that prefilled prompts fill, rows grown by ``expand``; None before a prefill.
+
+    A plain object, not a module: it never enters state dicts, ``.to()`` or data-parallel broadcasts.
+    ``WorldModelTransformer.setup_cache`` makes one (``model.kv_cache``) and ``free_cache`` drops it.
+    """
+
+    def __init__(self, config: WorldModelConfig, max_batch: int, max_len: int, dtype: torch.dtype, device):
+        self.max_batch, self.max_len = max_batch, max_len
+        shape = (max_batch, max_len, config.num_key_value_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.dtype, self.device = dtype, self.keys[0].device  # "cuda" resolved to the device index it means
+        self.copy_prior_offset = config.copy_prior_offset
+        self.ids = None
+        if self.copy_prior_offset:
+            self.ids = torch.zeros((max_batch, max_len), dtype=torch.int64, device=device)
+        self.positions = torch.arange(max_len, device=device)
+        self.visible = torch.zeros((1, max_len), dtype=torch.bool, device=device)
+        self.prompts: tuple[int, int] | None = None
+
+    def start(self, ids: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor | None:
+        """Take the new tokens ids (B, T) before they run: a prompt at positions [0, T) of rows [0, B) when ``pos`` is
+        None, else one token per row (T == 1) at position ``pos`` ((1,) int64). Returns their copy prior's ids (B, T),
+        or None without a copy prior. Static shapes and no host sync for a decode step."""
+        if pos is None:
+            self.prompts = tuple(ids.shape)
+            if self.ids is None:
+                return None
+            self.ids[: ids.shape[0], : ids.shape[1]] = ids
+            return sequence_copy_ids(ids, self.copy_prior_offset)
+        torch.le(self.positions, pos, out=self.visible[0])
+        if self.ids is None:
+            return None
+        return decode_copy_ids(self.ids, ids[:, 0], pos, self.copy_prior_offset)
+
+    def attend(self, layer: int, q, k, v, backend: str, pos: torch.Tensor | None) -> torch.Tensor:
+        """Attention of the new tokens through layer ``layer``'s cache: q (B, T, H, D), k and v (B, T, Hkv, D) ->
+        (B, T, H, D). A prompt (``pos`` None): k and v are written at positions [0, T) of rows [0, B), and the prompt
+        attends causally to itself. A decode step: one token per row at ``pos``, written there, attends to the cached
+        positions [0, pos] of its row (``visible``, set by ``start``)."""
+        batch, length = q.shape[:2]
+        keys, values = self.keys[layer], self.values[layer]
+        if pos is None:
+            keys[:batch, :length] = k
+            values[:batch, :length] = v
+            return causal_attention(q, k, v, backend)
+        return cached_attention(q, k, v, keys[:batch], values[:batch], pos, self.visible, backend)
+
+    @torch.no_grad()
+    def expand(self, group_size: int) -> None:
+        """Give each prefilled prompt b the G = ``group_size`` rows b*G .. b*G+G-1 (the group-by-group order of
+        ``ops.group_advantages``), copying its cached keys, values and ids instead of prefilling G times."""
+        if self.prompts is None:
+            raise ValueError("expand_cache needs prefilled prompts: call model.prefill(prompts) first")
+        checks.integer("group_size", group_size)
+        batch, length = self.prompts
+        if batch * group_size > self.max_batch:
+            raise ValueError(f"group_size {group_size} x {batch} prompts exceeds the cache's max_batch "
+                             f"{self.max_batch}")
+        for cache in self.keys + self.values + ([self.ids] if self.ids is not None else []):
+            # the B prompts are copied out first (rows [0, B) are among the destinations): a temporary 1/G
+            # the size of what is written, one layer's keys or values (or the ids) at a time
+            prompts = cache[:batch, :length].clone()
+            groups = cache[: batch * group_size].unflatten(0, (batch, group_size))
+            groups[:, :, :length] = prompts[:, None]
+        self.prompts = (batch * group_size, length)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Modules (attribute names are Hugging Face's, so that state dicts match)
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -172,38 +251,30 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head (or grouped-query) causal self-attention with rotary embeddings and this layer's KV cache."""
+    """Multi-head (or grouped-query) causal self-attention with rotary embeddings; layer ``layer_idx`` of the
+    ``KVCache`` when one is given (Hugging Face's ``layer_idx``: not a parameter, state dicts do not see it)."""
 
-    def __init__(self, config: WorldModelConfig):
+    def __init__(self, config: WorldModelConfig, layer_idx: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim,
         )
+        self.layer_idx = layer_idx
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
-        # (max_batch, max_len, kv_heads, head_dim): flash-attn's cache layout. Plain attributes rather than
-        # buffers, so that they never enter state dicts or get broadcast by data-parallel wrappers.
-        self.k_cache: torch.Tensor | None = None
-        self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x, cos, sin, backend, fill_cache=False, decode_pos=None, visible=None):
-        """x (B, T, hidden). Whole sequences by default (writing their keys/values into cache slots [0, B) when
-        ``fill_cache``); with ``decode_pos``, one token per row (T == 1) through the cache."""
+    def forward(self, x, cos, sin, backend, cache: KVCache | None = None, pos: torch.Tensor | None = None):
+        """x (B, T, hidden) -> (B, T, hidden). Without ``cache``: whole sequences. With it, see ``KVCache.attend``."""
         batch, length, _ = x.shape
         q = apply_rotary(self.q_proj(x).view(batch, length, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        if decode_pos is not None:
-            out = cached_attention(
-                q, k, v, self.k_cache[:batch], self.v_cache[:batch], decode_pos, visible, backend
-            )
-        else:
-            if fill_cache:
-                self.k_cache[:batch, :length] = k
-                self.v_cache[:batch, :length] = v
+        if cache is None:
             out = causal_attention(q, k, v, backend)
+        else:
+            out = cache.attend(self.layer_idx, q, k, v, backend, pos)
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
 
 
@@ -221,15 +292,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: WorldModelConfig):
+    def __init__(self, config: WorldModelConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, backend, **cache_args):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, **cache_args)
+    def forward(self, x, cos, sin, backend, cache: KVCache | None = None, pos: torch.Tensor | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, cache, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -241,19 +312,20 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         if config.copy_prior_offset:
             self.copy_embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, index) for index in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, ids, positions, config, backend, copy_ids=None, **cache_args):
+    def forward(self, ids, positions, config, backend, copy_ids=None, cache=None, pos=None):
         """ids (B, T) at ``positions`` (T,) -> final-norm hidden states (B, T, hidden). ``copy_ids`` (B, T), with a
-        copy prior: the id each position's copy embedding looks up, -1 where there is none."""
+        copy prior: the id each position's copy embedding looks up, -1 where there is none. ``cache``, ``pos``: see
+        ``KVCache.attend``."""
         x = self.embed_tokens(ids)
         if copy_ids is not None:
             present = (copy_ids >= 0).unsqueeze(-1).to(x.dtype)
             x = x + self.copy_embed(copy_ids.clamp(min=0)) * present
         cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, backend, **cache_args)
+            x = layer(x, cos, sin, backend, cache, pos)
         return self.norm(x)
 
 
@@ -270,13 +342,11 @@ class WorldModelTransformer(nn.Module):
         self.config = config if config is not None else WorldModelConfig()
         if not isinstance(self.config, WorldModelConfig):
             raise ValueError(f"config must be a WorldModelConfig, got {type(config).__name__}")
-        _checks.choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
+        checks.choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
         self.attention_backend = attention_backend
         self.model = Decoder(self.config)
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
-        self.cache_shape: tuple[int, int] | None = None  # (max_batch, max_len) once setup_cache ran
-        self.id_cache: torch.Tensor | None = None  # (max_batch, max_len) ids, with a copy prior
-        self.cached_prompts: tuple[int, int] | None = None  # (slots, prompt length) filled by prefill/expand_cache
+        self.kv_cache: KVCache | None = None  # setup_cache allocates it
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -300,12 +370,12 @@ class WorldModelTransformer(nn.Module):
         return self.lm_head.weight.dtype
 
     def _check_ids(self, name: str, ids) -> None:
-        _checks.tensor(name, ids, dims=(2,), dtypes=_checks.INDEX_DTYPES)
+        checks.tensor(name, ids, dims=(2,), dtypes=checks.INDEX_DTYPES)
         if ids.shape[1] < 1 or ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"{name} must have 1 to max_position_embeddings ({self.config.max_position_embeddings}) "
                              f"tokens per row, got shape {tuple(ids.shape)}")
-        _checks.same_device(**{name: ids, "model": self.lm_head.weight})
-        _checks.token_ids(name, ids, self.config.vocab_size)
+        checks.same_device(**{name: ids, "model": self.lm_head.weight})
+        checks.token_ids(name, ids, self.config.vocab_size)
 
     # ---- whole sequences ---------------------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, return_hidden: bool = False, return_logits: bool = True):
@@ -313,29 +383,37 @@ class WorldModelTransformer(nn.Module):
         alone with ``return_logits=False`` (the trainer's path: no (B, T, V) tensor). Ids are checked against the
         vocabulary, a host sync on a GPU, unless ``rlvrw.ops.set_value_checks(False)``."""
         self._check_ids("ids", ids)
-        positions = torch.arange(ids.shape[1], device=ids.device)
         backend = resolve_attention_backend(self.attention_backend, ids.device, self._attention_dtype(ids.device),
                                             self.config.head_dim)
-        hidden = self.model(ids, positions, self.config, backend, copy_ids=self._copy_ids(ids))
+        hidden = self._hidden(ids, backend)
         if not return_logits:
             return hidden
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits
 
-    def _copy_ids(self, ids: torch.Tensor) -> torch.Tensor | None:
-        offset = self.config.copy_prior_offset
-        return sequence_copy_ids(ids, offset) if offset else None
+    def _hidden(self, ids: torch.Tensor, backend: str, cache: KVCache | None = None, pos: torch.Tensor | None = None):
+        """The one forward path of ``forward``, ``prefill`` and ``decode_step``: ids (B, T) -> final hidden states
+        (B, T, H). Without ``cache``, whole sequences from position 0; with it, a prompt at positions [0, T) (``pos``
+        None) or one token per row at ``pos``, whose keys, values and ids go into the cache."""
+        positions = torch.arange(ids.shape[1], device=ids.device) if pos is None else pos
+        if cache is not None:
+            copy_ids = cache.start(ids, pos)
+        elif self.config.copy_prior_offset:
+            copy_ids = sequence_copy_ids(ids, self.config.copy_prior_offset)
+        else:
+            copy_ids = None
+        return self.model(ids, positions, self.config, backend, copy_ids, cache, pos)
 
     # ---- KV cache and decoding ---------------------------------------------------------------------------------------
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
-        """Allocate the static KV cache: per layer, keys and values (max_batch, max_len, kv_heads, head_dim), zeroed.
+        """Allocate ``model.kv_cache``, a ``KVCache``: per layer, keys and values (max_batch, max_len, kv_heads,
+        head_dim), zeroed.
 
         ``dtype`` (default: the parameters') must be the dtype attention runs in: the parameters' dtype, or the
         autocast dtype when sampling under autocast. Reallocates if called again; ``free_cache`` releases it.
         """
         for name, value in (("max_batch", max_batch), ("max_len", max_len)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            checks.integer(name, value)
         if max_len > self.config.max_position_embeddings:
             raise ValueError(f"max_len must be <= max_position_embeddings ({self.config.max_position_embeddings}), "
                              f"got {max_len}")
@@ -344,25 +422,16 @@ class WorldModelTransformer(nn.Module):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         device = weight.device if device is None else torch.device(device)
-        self.free_cache()
-        shape = (max_batch, max_len, self.config.num_key_value_heads, self.config.head_dim)
-        for layer in self.model.layers:
-            layer.self_attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            layer.self_attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        if self.config.copy_prior_offset:  # the ids so far, for the copy prior of each decoded position
-            self.id_cache = torch.zeros((max_batch, max_len), dtype=torch.int64, device=device)
-        self.cache_shape = (max_batch, max_len)
+        self.free_cache()  # before allocating: the old cache's memory can then be reused
+        self.kv_cache = KVCache(self.config, max_batch, max_len, dtype, device)
 
     def free_cache(self) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.k_cache = layer.self_attn.v_cache = None
-        self.id_cache = None
-        self.cache_shape = self.cached_prompts = None
+        self.kv_cache = None
 
-    def _cache(self) -> torch.Tensor:
-        if self.cache_shape is None:
+    def _cache(self) -> KVCache:
+        if self.kv_cache is None:
             raise ValueError("no KV cache: call model.setup_cache(max_batch, max_len) first")
-        return self.model.layers[0].self_attn.k_cache
+        return self.kv_cache
 
     @torch.no_grad()
     def prefill(self, prompts: torch.Tensor, return_hidden: bool = False):
@@ -374,40 +443,20 @@ class WorldModelTransformer(nn.Module):
         cache = self._cache()
         self._check_ids("prompts", prompts)
         batch, length = prompts.shape
-        if batch > cache.shape[0] or length > cache.shape[1]:
+        if batch > cache.max_batch or length > cache.max_len:
             raise ValueError(f"prompts of shape {tuple(prompts.shape)} do not fit the cache (max_batch, max_len) = "
-                             f"{self.cache_shape}")
+                             f"{(cache.max_batch, cache.max_len)}")
         backend = self._check_cache_backend(prompts.device)
-        positions = torch.arange(length, device=prompts.device)
-        if self.id_cache is not None:
-            self.id_cache[:batch, :length] = prompts
-        hidden = self.model(prompts, positions, self.config, backend, copy_ids=self._copy_ids(prompts),
-                            fill_cache=True)
-        self.cached_prompts = (batch, length)
+        hidden = self._hidden(prompts, backend, cache)
         logits = self.lm_head(hidden[:, -1])
         return (logits, hidden) if return_hidden else logits
 
     @torch.no_grad()
     def expand_cache(self, group_size: int) -> None:
         """Give each prefilled prompt b the G = ``group_size`` slots b*G .. b*G+G-1 (the group-by-group order of
-        ``ops.group_advantages``), copying its cached prompt keys and values instead of prefilling G times."""
-        self._cache()
-        if self.cached_prompts is None:
-            raise ValueError("expand_cache needs prefilled prompts: call model.prefill(prompts) first")
-        if not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-        batch, length = self.cached_prompts
-        if batch * group_size > self.cache_shape[0]:
-            raise ValueError(f"group_size {group_size} x {batch} prompts exceeds the cache's max_batch "
-                             f"{self.cache_shape[0]}")
-        caches = [c for layer in self.model.layers for c in (layer.self_attn.k_cache, layer.self_attn.v_cache)]
-        for cache in caches + ([self.id_cache] if self.id_cache is not None else []):
-            # the B prompts are copied out first (slots [0, B) are among the destinations): a temporary 1/G
-            # the size of what is written, one layer's keys or values (or the ids) at a time
-            prompts = cache[:batch, :length].clone()
-            groups = cache[: batch * group_size].unflatten(0, (batch, group_size))
-            groups[:, :, :length] = prompts[:, None]
-        self.cached_prompts = (batch * group_size, length)
+        ``ops.group_advantages``), copying its cached prompt keys and values instead of prefilling G times
+        (``KVCache.expand``)."""
+        self._cache().expand(group_size)
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -419,23 +468,17 @@ class WorldModelTransformer(nn.Module):
         (no host sync), so the call can be captured in a CUDA graph; ``pos`` must be below the cache's max_len.
         """
         cache = self._cache()
-        _checks.tensor("tokens", tokens, dims=(1,), dtypes=(torch.int64,))
-        _checks.tensor("pos", pos, dims=(0, 1), dtypes=(torch.int64,))
+        checks.tensor("tokens", tokens, dims=(1,), dtypes=(torch.int64,))
+        checks.tensor("pos", pos, dims=(0, 1), dtypes=(torch.int64,))
         if pos.numel() != 1:
             raise ValueError(f"pos must hold one position, got shape {tuple(pos.shape)}")
-        if tokens.shape[0] > cache.shape[0]:
-            raise ValueError(f"tokens has {tokens.shape[0]} rows, more than the cache's max_batch {cache.shape[0]}")
-        _checks.same_device(tokens=tokens, pos=pos, cache=cache)
+        if tokens.shape[0] > cache.max_batch:
+            raise ValueError(f"tokens has {tokens.shape[0]} rows, more than the cache's max_batch {cache.max_batch}")
+        checks.same_device(tokens=tokens, pos=pos, cache=cache)
         backend = self._check_cache_backend(tokens.device)
         if backend == "xformers":  # one query per row against a masked cache: not what xformers' kernels are for
             backend = "sdpa"
-        pos = pos.reshape(1)
-        visible = (torch.arange(cache.shape[1], device=pos.device) <= pos)[None, :]
-        copy_ids = None
-        if self.id_cache is not None:
-            copy_ids = decode_copy_ids(self.id_cache, tokens, pos, self.config.copy_prior_offset)
-        hidden = self.model(tokens[:, None], pos, self.config, backend, copy_ids=copy_ids, decode_pos=pos,
-                            visible=visible)
+        hidden = self._hidden(tokens[:, None], backend, cache, pos.reshape(1))
         return self.lm_head(hidden[:, 0])
 
     def _check_cache_backend(self, device: torch.device) -> str:

@@ -6,7 +6,7 @@ See ``rlvrw.ops._backend`` for how a backend is chosen and ``report()`` for what
 import importlib
 
 from rlvrw.ops._backend import format_report, report
-from rlvrw.ops._checks import set_value_checks
+from rlvrw.checks import set_value_checks
 from rlvrw.ops.fsq import fsq_codes_to_indices, fsq_dequantize, fsq_indices_to_codes, fsq_quantize
 from rlvrw.ops.group_norm_silu import group_norm_silu
 from rlvrw.ops.grpo import (

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import torch
 
-from rlvrw.ops import _backend, _checks
+from rlvrw import checks
+from rlvrw.ops import _backend
 from rlvrw.reference import fsq as R
 
 MAX_CODEBOOK_SIZE = 2**31  # indices are int32: the largest is 2^31 - 1
@@ -47,7 +48,7 @@ def _check_last_dim(name: str, x: torch.Tensor, levels: tuple[int, ...]) -> None
 
 
 def _check_indices_in_range(indices: torch.Tensor, levels: tuple[int, ...]) -> None:
-    if indices.numel() == 0 or not _checks.value_checks_enabled(indices):
+    if indices.numel() == 0 or not checks.value_checks_enabled(indices):
         return
     size = R.codebook_size(levels)
     if bool(((indices < 0) | (indices >= size)).any()):
@@ -59,7 +60,7 @@ def _check_indices_in_range(indices: torch.Tensor, levels: tuple[int, ...]) -> N
 
 def _check_found(indices: torch.Tensor, name: str, what: str) -> None:
     """Index -1 marks an input outside the op's domain (see ``rlvrw.reference.fsq``)."""
-    if indices.numel() and _checks.value_checks_enabled(indices) and bool((indices < 0).any()):
+    if indices.numel() and checks.value_checks_enabled(indices) and bool((indices < 0).any()):
         raise ValueError(f"{name} must {what}; {int((indices < 0).sum())} of {indices.numel()} do not")
 
 
@@ -193,7 +194,7 @@ def fsq_quantize(z: torch.Tensor, levels: Sequence[int], *, backend: str | None 
     with the same strides, so ``codes.movedim(-1, 1)`` is contiguous again.
     """
     levels = check_levels(levels)
-    _checks.tensor("z", z)
+    checks.tensor("z", z)
     _check_last_dim("z", z, levels)
     acc = R.compute_dtype(z.dtype)
     name = _resolve(
@@ -218,7 +219,7 @@ def fsq_codes_to_indices(codes: torch.Tensor, levels: Sequence[int], *, backend:
     """codes (..., d) -> indices (...,) int32; each code snaps to its nearest level (the exact inverse of
     ``fsq_indices_to_codes`` on every code of the codebook, also for codes stored in bfloat16 / float16)."""
     levels = check_levels(levels)
-    _checks.tensor("codes", codes)
+    checks.tensor("codes", codes)
     _check_last_dim("codes", codes, levels)
     constants = (levels, R.compute_dtype(codes.dtype), codes.device)
     name = _resolve(
@@ -243,9 +244,9 @@ def fsq_indices_to_codes(
 ) -> torch.Tensor:
     """indices (...,) int32 / int64 in [0, codebook_size) -> codes (..., d) in ``dtype`` (default float32)."""
     levels = check_levels(levels)
-    _checks.tensor("indices", indices, dtypes=_checks.INDEX_DTYPES)
-    if dtype not in _checks.FLOAT_DTYPES:
-        raise ValueError(f"dtype must be one of {[str(d) for d in _checks.FLOAT_DTYPES]}, got {dtype}")
+    checks.tensor("indices", indices, dtypes=checks.INDEX_DTYPES)
+    if dtype not in checks.FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in checks.FLOAT_DTYPES]}, got {dtype}")
     _check_indices_in_range(indices, levels)
     flat = indices.reshape(-1)
     size = R.codebook_size(levels)
@@ -378,19 +379,19 @@ def fsq_dequantize(
     last; for a channel-first image ``out.permute(0, 3, 1, 2)`` is an NCHW view in channels_last memory format.
     """
     levels = check_levels(levels)
-    _checks.tensor("indices", indices, dtypes=_checks.INDEX_DTYPES)
-    _checks.tensor("weight", weight, dims=(2, 4))
+    checks.tensor("indices", indices, dtypes=checks.INDEX_DTYPES)
+    checks.tensor("weight", weight, dims=(2, 4))
     d = len(levels)
     if weight.shape[1] != d or (weight.dim() == 4 and tuple(weight.shape[2:]) != (1, 1)):
         raise ValueError(
             f"weight must have shape (C, {d}) or (C, {d}, 1, 1) (d = len(levels)), got {tuple(weight.shape)}"
         )
     if bias is not None:
-        _checks.tensor("bias", bias, dims=(1,))
-        _checks.shape("bias", bias, (weight.shape[0],), "(C,), C = weight.shape[0]")
+        checks.tensor("bias", bias, dims=(1,))
+        checks.shape("bias", bias, (weight.shape[0],), "(C,), C = weight.shape[0]")
         if bias.dtype != weight.dtype:
             raise ValueError(f"bias must have the weight's dtype ({weight.dtype}), got {bias.dtype}")
-    device = _checks.same_device(indices=indices, weight=weight, bias=bias)
+    device = checks.same_device(indices=indices, weight=weight, bias=bias)
     _check_indices_in_range(indices, levels)
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         # Training: the weights change every step anyway, and a fresh table (codebook_size x d x C multiply-adds)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from rlvrw.ops import _backend, _checks
+from rlvrw import checks
+from rlvrw.ops import _backend
 from rlvrw.reference.group_norm_silu import group_norm_silu as reference_group_norm_silu
 
 
@@ -68,19 +69,19 @@ def group_norm_silu(
     Statistics per (n, group) in float32 (float64 for float64 x), biased variance as ``F.group_norm``. The output
     has x's dtype, shape and strides (channels_last in, channels_last out). Differentiable in x, weight and bias.
     """
-    _checks.tensor("x", x)
+    checks.tensor("x", x)
     if x.dim() < 2:
         raise ValueError(f"x must be (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}")
     channels = x.shape[1]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
+    checks.integer("num_groups", num_groups)
+    if channels % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing the {channels} channels, got {num_groups!r}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
-            _checks.tensor(name, t, dims=(1,))
-            _checks.shape(name, t, (channels,), "(C,), C = x.shape[1]")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    device = _checks.same_device(x=x, weight=weight, bias=bias)
+            checks.tensor(name, t, dims=(1,))
+            checks.shape(name, t, (channels,), "(C,), C = x.shape[1]")
+    checks.number("eps", eps, low=0)
+    device = checks.same_device(x=x, weight=weight, bias=bias)
     name = _backend.resolve("group_norm_silu", device, backend)
     if name == "reference" or x.numel() == 0:
         return reference_group_norm_silu(x, num_groups, weight, bias, float(eps))

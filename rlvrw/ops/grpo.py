@@ -51,7 +51,8 @@ from dataclasses import dataclass
 import torch
 
 from rlvrw import reference
-from rlvrw.ops import _backend, _checks
+from rlvrw import checks
+from rlvrw.ops import _backend
 from rlvrw.ops._primitives import logits_passes
 from rlvrw.ops.logprobs import logits_rows, resolve_logits_backend
 from rlvrw.reference.grpo import (
@@ -97,12 +98,12 @@ def group_advantages(
     (also with ``eps=0``). Differentiable in the rewards; float32 out (float64 for float64 rewards). VERL:
     ``norm_adv_by_std_in_grpo`` True / False is ``"group"`` / ``"none"``, its ``epsilon`` is ``eps``.
     """
-    _checks.tensor("rewards", rewards, dims=(1,))
-    group_size = _checks.integer("group_size", group_size, high=MAX_GROUP_SIZE)
+    checks.tensor("rewards", rewards, dims=(1,))
+    group_size = checks.integer("group_size", group_size, high=MAX_GROUP_SIZE)
     if rewards.numel() % group_size:
         raise ValueError(f"group_size ({group_size}) must divide the number of rewards ({rewards.numel()})")
-    eps = _checks.number("eps", eps, low=0)
-    _checks.choice("scale", scale, ADVANTAGE_SCALES)
+    eps = checks.number("eps", eps, low=0)
+    checks.choice("scale", scale, ADVANTAGE_SCALES)
     name = _backend.resolve("group_advantages", rewards.device, backend)
     if name == "reference":
         return reference.group_advantages(rewards, group_size, eps, scale)
@@ -117,7 +118,7 @@ def _check_count(name: str, value) -> None:
             raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape "
                              f"{tuple(value.shape)}")
         return
-    _checks.number(name, value, low=0, low_open=True)
+    checks.number(name, value, low=0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -140,29 +141,29 @@ class GRPOOptions:
     kl_clamp: float = K3_VALUE_CLAMP
 
     def __post_init__(self):
-        _checks.number("clip_low", self.clip_low, low=0, high=1, high_open=True)
-        _checks.number("clip_high", self.clip_high, low=0)
+        checks.number("clip_low", self.clip_low, low=0, high=1, high_open=True)
+        checks.number("clip_high", self.clip_high, low=0)
         if self.dual_clip is not None:
-            _checks.number("dual_clip", self.dual_clip, low=1, low_open=True)
-        _checks.number("kl_coef", self.kl_coef, low=0)
-        _checks.choice("kl_type", self.kl_type, KL_TYPES)
-        _checks.choice("loss_agg", self.loss_agg, LOSS_AGGS)
-        _checks.choice("ratio_level", self.ratio_level, RATIO_LEVELS)
+            checks.number("dual_clip", self.dual_clip, low=1, low_open=True)
+        checks.number("kl_coef", self.kl_coef, low=0)
+        checks.choice("kl_type", self.kl_type, KL_TYPES)
+        checks.choice("loss_agg", self.loss_agg, LOSS_AGGS)
+        checks.choice("ratio_level", self.ratio_level, RATIO_LEVELS)
         if isinstance(self.log_ratio_clamp, (tuple, list)):
             if len(self.log_ratio_clamp) != 2:
                 raise ValueError(f"log_ratio_clamp must be a number c > 0 or a pair (low, high), got "
                                  f"{self.log_ratio_clamp!r}")
-            _checks.number("log_ratio_clamp[0]", self.log_ratio_clamp[0], high=0, high_open=True, finite=False)
-            _checks.number("log_ratio_clamp[1]", self.log_ratio_clamp[1], low=0, low_open=True, finite=False)
+            checks.number("log_ratio_clamp[0]", self.log_ratio_clamp[0], high=0, high_open=True, finite=False)
+            checks.number("log_ratio_clamp[1]", self.log_ratio_clamp[1], low=0, low_open=True, finite=False)
         else:
-            _checks.number("log_ratio_clamp", self.log_ratio_clamp, low=0, low_open=True, finite=False)
-        _checks.number("kl_clamp", self.kl_clamp, low=0, low_open=True, finite=False)
+            checks.number("log_ratio_clamp", self.log_ratio_clamp, low=0, low_open=True, finite=False)
+        checks.number("kl_clamp", self.kl_clamp, low=0, low_open=True, finite=False)
         _check_count("num_tokens", self.num_tokens)
         _check_count("num_seqs", self.num_seqs)
         if self.norm_length is not None:
-            _checks.number("norm_length", self.norm_length, low=0, low_open=True)
-        _checks.integer("dp_size", self.dp_size)
-        _checks.boolean("count_empty_seqs", self.count_empty_seqs)
+            checks.number("norm_length", self.norm_length, low=0, low_open=True)
+        checks.integer("dp_size", self.dp_size)
+        checks.boolean("count_empty_seqs", self.count_empty_seqs)
         if self.dp_size > 1:
             # a local count times dp_size is no normalizer: VERL refuses this too
             needed = "num_tokens" if self.loss_agg == "token-mean" else "num_seqs"
@@ -173,7 +174,7 @@ class GRPOOptions:
     @classmethod
     def from_kwargs(cls, function: str, options: dict) -> GRPOOptions:
         known = {f.name for f in dataclasses.fields(cls)}
-        _checks.no_unknown_options(function, {k: v for k, v in options.items() if k not in known}, known)
+        checks.no_unknown_options(function, {k: v for k, v in options.items() if k not in known}, known)
         return cls(**options)
 
     def as_kwargs(self) -> dict:
@@ -182,18 +183,18 @@ class GRPOOptions:
 
 
 def _check_loss_inputs(old_logp, advantages, mask, ref_logp, rollout_is_weights, bt: tuple[int, int], opts):
-    _checks.tensor("old_logp", old_logp, dims=(2,))
-    _checks.shape("old_logp", old_logp, bt, "(B, T)")
+    checks.tensor("old_logp", old_logp, dims=(2,))
+    checks.shape("old_logp", old_logp, bt, "(B, T)")
     for name, t in (("advantages", advantages), ("rollout_is_weights", rollout_is_weights)):
         if t is None:
             continue
-        _checks.tensor(name, t, dims=(1, 2))
-        _checks.shape(name, t, bt[:t.dim()], "(B,) per sequence, or (B, T) per token")
-    _checks.tensor("mask", mask, dims=(2,), dtypes=None)
-    _checks.shape("mask", mask, bt, "(B, T)")
+        checks.tensor(name, t, dims=(1, 2))
+        checks.shape(name, t, bt[:t.dim()], "(B,) per sequence, or (B, T) per token")
+    checks.tensor("mask", mask, dims=(2,), dtypes=None)
+    checks.shape("mask", mask, bt, "(B, T)")
     if ref_logp is not None:
-        _checks.tensor("ref_logp", ref_logp, dims=(2,))
-        _checks.shape("ref_logp", ref_logp, bt, "(B, T)")
+        checks.tensor("ref_logp", ref_logp, dims=(2,))
+        checks.shape("ref_logp", ref_logp, bt, "(B, T)")
     elif opts.kl_coef != 0:
         raise ValueError(f"ref_logp is required when kl_coef != 0 (kl_coef={opts.kl_coef})")
 
@@ -287,9 +288,9 @@ def grpo_loss(
       ratio_level="token"           "token", or "sequence" (GSPO: the ratio is the geometric mean over the sequence)
     """
     opts = GRPOOptions.from_kwargs("grpo_loss", options)
-    _checks.tensor("logp", logp, dims=(2,))
+    checks.tensor("logp", logp, dims=(2,))
     _check_loss_inputs(old_logp, advantages, mask, ref_logp, rollout_is_weights, tuple(logp.shape), opts)
-    device = _checks.same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,
+    device = checks.same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,
                                  rollout_is_weights=rollout_is_weights)
     name = _backend.resolve("grpo_loss", device, backend)
     if name == "reference":
@@ -362,23 +363,23 @@ def grpo_loss_from_logits(
     there). ``rollout_is_weights`` and the options as ``grpo_loss``.
     """
     opts = GRPOOptions.from_kwargs("grpo_loss_from_logits", options)
-    _checks.tensor("logits", logits, dims=(3,))
+    checks.tensor("logits", logits, dims=(3,))
     if logits.shape[-1] == 0:
         raise ValueError(f"logits must have a vocabulary (last) dimension of size >= 1, got shape {tuple(logits.shape)}")
-    _checks.tensor("tokens", tokens, dtypes=_checks.INDEX_DTYPES)
+    checks.tensor("tokens", tokens, dtypes=checks.INDEX_DTYPES)
     bt = tuple(logits.shape[:2])
-    _checks.shape("tokens", tokens, bt, "logits.shape[:2]")
+    checks.shape("tokens", tokens, bt, "logits.shape[:2]")
     _check_loss_inputs(old_logp, advantages, mask, ref_logp, rollout_is_weights, bt, opts)
-    temperature = _checks.number("temperature", temperature, low=0, low_open=True)
-    return_entropy = _checks.boolean("return_entropy", return_entropy)
-    inplace_backward = _checks.boolean("inplace_backward", inplace_backward)
-    device = _checks.same_device(
+    temperature = checks.number("temperature", temperature, low=0, low_open=True)
+    return_entropy = checks.boolean("return_entropy", return_entropy)
+    inplace_backward = checks.boolean("inplace_backward", inplace_backward)
+    device = checks.same_device(
         logits=logits, tokens=tokens, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,
         rollout_is_weights=rollout_is_weights,
     )
     valid = mask != 0
     vocab = logits.shape[-1]
-    _checks.token_ids("tokens", tokens, vocab, valid)
+    checks.token_ids("tokens", tokens, vocab, valid)
     tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
     tokens1d = tokens.reshape(-1)
     name = resolve_logits_backend("grpo_loss_from_logits", logits, tokens1d, backend)
@@ -411,16 +412,16 @@ def rollout_correction_weights(
     above ``threshold`` are truncated to it (TIS) or, with ``threshold_lower``, weights outside [threshold_lower,
     threshold] are set to 0 (IcePop). 0 at masked positions; detached. Elementwise torch ops on any device.
     """
-    _checks.tensor("old_logp", old_logp, dims=(2,))
-    _checks.tensor("rollout_logp", rollout_logp, dims=(2,))
-    _checks.shape("rollout_logp", rollout_logp, tuple(old_logp.shape), "old_logp's shape")
-    _checks.tensor("mask", mask, dims=(2,), dtypes=None)
-    _checks.shape("mask", mask, tuple(old_logp.shape), "old_logp's shape")
-    _checks.same_device(old_logp=old_logp, rollout_logp=rollout_logp, mask=mask)
-    _checks.choice("level", level, ROLLOUT_IS_LEVELS)
-    threshold = _checks.number("threshold", threshold, low=0, low_open=True)
+    checks.tensor("old_logp", old_logp, dims=(2,))
+    checks.tensor("rollout_logp", rollout_logp, dims=(2,))
+    checks.shape("rollout_logp", rollout_logp, tuple(old_logp.shape), "old_logp's shape")
+    checks.tensor("mask", mask, dims=(2,), dtypes=None)
+    checks.shape("mask", mask, tuple(old_logp.shape), "old_logp's shape")
+    checks.same_device(old_logp=old_logp, rollout_logp=rollout_logp, mask=mask)
+    checks.choice("level", level, ROLLOUT_IS_LEVELS)
+    threshold = checks.number("threshold", threshold, low=0, low_open=True)
     if threshold_lower is not None:
-        threshold_lower = _checks.number("threshold_lower", threshold_lower, low=0, low_open=True, high=threshold)
+        threshold_lower = checks.number("threshold_lower", threshold_lower, low=0, low_open=True, high=threshold)
     return reference.rollout_correction_weights(old_logp, rollout_logp, mask, level, threshold, threshold_lower)
 
 
@@ -430,8 +431,8 @@ class GRPOLoss(torch.nn.Module):
     def __init__(self, from_logits: bool = False, temperature: float = 1.0, **options):
         super().__init__()
         self.options = GRPOOptions.from_kwargs("GRPOLoss", options)
-        self.from_logits = _checks.boolean("from_logits", from_logits)
-        self.temperature = _checks.number("temperature", temperature, low=0, low_open=True)
+        self.from_logits = checks.boolean("from_logits", from_logits)
+        self.temperature = checks.number("temperature", temperature, low=0, low_open=True)
 
     def forward(self, *inputs, ref_logp=None, rollout_is_weights=None, **call_options):
         """``(logp, old_logp, advantages, mask)``, or ``(logits, tokens, old_logp, advantages, mask)`` from logits

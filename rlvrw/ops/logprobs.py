@@ -8,7 +8,8 @@ import math
 import torch
 
 from rlvrw import reference
-from rlvrw.ops import _backend, _checks
+from rlvrw import checks
+from rlvrw.ops import _backend
 from rlvrw.ops._primitives import logits_passes
 
 
@@ -66,13 +67,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
 
 def _check_logits_tokens(logits, tokens, logits_name="logits"):
-    _checks.tensor(logits_name, logits, dims=(2, 3))
-    _checks.tensor("tokens", tokens, dtypes=_checks.INDEX_DTYPES)
-    _checks.shape("tokens", tokens, logits.shape[:-1], f"{logits_name}.shape[:-1]")
+    checks.tensor(logits_name, logits, dims=(2, 3))
+    checks.tensor("tokens", tokens, dtypes=checks.INDEX_DTYPES)
+    checks.shape("tokens", tokens, logits.shape[:-1], f"{logits_name}.shape[:-1]")
     if logits.shape[-1] == 0:
         raise ValueError(f"{logits_name} must have a vocabulary (last) dimension of size >= 1, "
                          f"got shape {tuple(logits.shape)}")
-    _checks.same_device(**{logits_name: logits, "tokens": tokens})
+    checks.same_device(**{logits_name: logits, "tokens": tokens})
 
 
 def token_logprobs(
@@ -94,10 +95,10 @@ def token_logprobs(
     (and entropy) gets no gradient gets a zero d(logits) row, whatever its logits hold.
     """
     _check_logits_tokens(logits, tokens)
-    temperature = _checks.number("temperature", temperature, low=0, low_open=True)
-    return_entropy = _checks.boolean("return_entropy", return_entropy)
+    temperature = checks.number("temperature", temperature, low=0, low_open=True)
+    return_entropy = checks.boolean("return_entropy", return_entropy)
     vocab = logits.shape[-1]
-    _checks.token_ids("tokens", tokens, vocab)
+    checks.token_ids("tokens", tokens, vocab)
     tokens1d = tokens.reshape(-1)
     name = resolve_logits_backend("token_logprobs", logits, tokens1d, backend)
     if name == "reference":
@@ -206,30 +207,30 @@ def linear_token_logprobs(
     (B, T). Rows are processed ``chunk_rows`` at a time (default: ``default_chunk_rows``); backward returns d(hidden)
     and d(weight). No rows (N = 0, or T = 0) give empty log-probs and zero gradients.
     """
-    _checks.tensor("hidden", hidden, dims=(2, 3))
-    _checks.tensor("weight", weight, dims=(2,))
+    checks.tensor("hidden", hidden, dims=(2, 3))
+    checks.tensor("weight", weight, dims=(2,))
     if torch.amp.is_autocast_available(hidden.device.type) and torch.is_autocast_enabled(hidden.device.type):
         # as an output Linear under autocast: the matmuls in autocast's dtype (the casts are differentiable)
         low = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(low), weight.to(low)
-    _checks.tensor("tokens", tokens, dtypes=_checks.INDEX_DTYPES)
+    checks.tensor("tokens", tokens, dtypes=checks.INDEX_DTYPES)
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) (hidden size last), got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError(f"weight must have at least one row (one per vocabulary entry), got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    _checks.shape("tokens", tokens, hidden.shape[:-1], "hidden.shape[:-1]")
-    _checks.same_device(hidden=hidden, weight=weight, tokens=tokens)
-    temperature = _checks.number("temperature", temperature, low=0, low_open=True)
-    return_entropy = _checks.boolean("return_entropy", return_entropy)
+    checks.shape("tokens", tokens, hidden.shape[:-1], "hidden.shape[:-1]")
+    checks.same_device(hidden=hidden, weight=weight, tokens=tokens)
+    temperature = checks.number("temperature", temperature, low=0, low_open=True)
+    return_entropy = checks.boolean("return_entropy", return_entropy)
     vocab = weight.shape[0]
-    _checks.token_ids("tokens", tokens, vocab)
+    checks.token_ids("tokens", tokens, vocab)
     hidden2d, tokens1d = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(hidden2d.shape[0], vocab)
     else:
-        chunk_rows = _checks.integer("chunk_rows", chunk_rows)
+        chunk_rows = checks.integer("chunk_rows", chunk_rows)
     name = _backend.resolve("linear_token_logprobs", hidden.device, backend)
     logp, entropy = LinearTokenLogprobsFunction.apply(
         hidden2d, weight, tokens1d, 1.0 / temperature, return_entropy, chunk_rows, name

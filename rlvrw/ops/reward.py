@@ -28,7 +28,8 @@ import math
 
 import torch
 
-from rlvrw.ops import _backend, _checks
+from rlvrw import checks
+from rlvrw.ops import _backend
 from rlvrw.ops.frame_stats import PIXEL_STATS, pixel_stats
 from rlvrw.reference import reward as reference
 from rlvrw.reference.logprobs import compute_dtype
@@ -146,24 +147,21 @@ def _check_lpips(lpips, device: torch.device) -> None:
 
 
 def _check_weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return checks.number(name, value, low=0)
 
 
 def _check_frames(pred, target, group_size) -> tuple[int, int]:
     """(B, F) after checking the shapes of pred and target."""
-    _checks.tensor("pred", pred, dims=(4, 5))
-    _checks.tensor("target", target, dims=(pred.dim(),))
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    checks.tensor("pred", pred, dims=(4, 5))
+    checks.tensor("target", target, dims=(pred.dim(),))
+    checks.integer("group_size", group_size)
     layout = "(B*G, 3, H, W)" if pred.dim() == 4 else "(B*G, F, 3, H, W)"
     if pred.shape[-3] != 3:
         raise ValueError(f"pred must be {layout} RGB frames, got shape {tuple(pred.shape)}")
     if pred.shape[0] % group_size:
         raise ValueError(f"group_size ({group_size}) must divide pred.shape[0] ({pred.shape[0]})")
     num_groups = pred.shape[0] // group_size
-    _checks.shape("target", target, (num_groups, *pred.shape[1:]), f"one ground truth per group of pred {layout}")
+    checks.shape("target", target, (num_groups, *pred.shape[1:]), f"one ground truth per group of pred {layout}")
     return num_groups, 1 if pred.dim() == 4 else pred.shape[1]
 
 
@@ -235,17 +233,16 @@ def frame_reward(
     Values outside [0, 1] are not checked (that would sync); NaN in a prediction gives a NaN reward for that sample.
     """
     num_groups, num_frames = _check_frames(pred, target, group_size)
-    device = _checks.same_device(pred=pred, target=target)
+    device = checks.same_device(pred=pred, target=target)
     weights = reward_weights(metric)
     with_lpips = "lpips" in weights
     if with_lpips:
         _check_lpips(lpips, device)
-    _checks.choice("frame_reduction", frame_reduction, reference.FRAME_REDUCTIONS)
+    checks.choice("frame_reduction", frame_reduction, reference.FRAME_REDUCTIONS)
     if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
         raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
-    if isinstance(psnr_cap_db, bool) or not isinstance(psnr_cap_db, (int, float)) or not psnr_cap_db > 0:
-        raise ValueError(f"psnr_cap_db must be a number > 0, got {psnr_cap_db!r}")
-    _checks.choice("precision", precision, PRECISIONS)
+    checks.positive("psnr_cap_db", psnr_cap_db)
+    checks.choice("precision", precision, PRECISIONS)
     h, w = pred.shape[-2:]
     if with_lpips and min(h, w) < lpips.min_input_size:
         raise ValueError(
@@ -254,9 +251,8 @@ def frame_reward(
     if "ssim" in weights and min(h, w) < reference.SSIM_WINDOW:
         raise ValueError(f"pred frames are {h}x{w}; the SSIM reward's {reference.SSIM_WINDOW}-tap window needs at "
                          "least that size")
-    bad_micro_batch = isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1
-    if micro_batch is not None and bad_micro_batch:
-        raise ValueError(f"micro_batch must be None or an int >= 1, got {micro_batch!r}")
+    if micro_batch is not None:
+        checks.integer("micro_batch", micro_batch)
     name = _backend.resolve("frame_reward", device, backend)
 
     if precision == "auto":
@@ -357,7 +353,7 @@ def l1_lpips_reward(
     memory and the frame size.
     """
     _check_frames(pred, target, group_size)
-    _check_lpips(lpips, _checks.same_device(pred=pred, target=target))
+    _check_lpips(lpips, checks.same_device(pred=pred, target=target))
     weights = {"mae": _check_weight("l1_weight", l1_weight), "lpips": _check_weight("lpips_weight", lpips_weight)}
     return frame_reward(pred, target, group_size, weights, lpips, frame_reduction, gamma, precision=precision,
                         micro_batch=micro_batch, backend=backend)

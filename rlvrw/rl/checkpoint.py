@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from rlvrw import files
+from rlvrw import checks, files
 from rlvrw.files import CorruptFileError
 from rlvrw.guard import check_finite_state
 from rlvrw.rl import distributed
@@ -182,10 +182,9 @@ def save_checkpoint(
     JSON-able dict of the trainer's own (its data position). ``keep_last``: afterwards, delete all but the newest
     ``keep_last`` checkpoints (None keeps all). Every rank must call this.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-        raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+    checks.integer("step", step, low=0)
+    if keep_last is not None:
+        checks.integer("keep_last", keep_last)
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_dir / step_dir_name(step)
     tmp = checkpoint_dir / f".tmp-{final.name}"  # one name that every rank knows without talking

@@ -3,7 +3,8 @@
 A config class is a dataclass deriving from ``RunConfig`` that declares each field with
 ``option(default, help, **argparse_kwargs)`` (and optionally has ``check_inputs``, for the files a run reads and
 writes); its ``__post_init__`` calls ``RunConfig.__post_init__`` first, which checks every field's type against its
-annotation (``rlvrw.usage.check_types``: a bool is true or false, numbers are finite). ``add_arguments`` gives it
+annotation (``rlvrw.usage.check_types``: a bool is true or false, numbers are finite) and the value of every field
+declared with ``choices``. ``add_arguments`` gives it
 ``--config FILE`` (JSON) plus one flag per field; flags override the file. ``config_command`` makes a whole subcommand
 of it; a bad setting, in the file or in a flag, is one error line naming the key and exit code 2.
 """
@@ -19,7 +20,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Callable
 
-from rlvrw import usage
+from rlvrw import checks, usage
 from rlvrw.usage import ArgumentParser, UsageError, check_types, run_command
 
 # fields that may differ between a checkpoint and the run that resumes it
@@ -32,6 +33,10 @@ class RunConfig:
 
     def __post_init__(self):
         check_types(self)
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("argparse", {}).get("choices")
+            if choices is not None:
+                checks.choice(f.name, getattr(self, f.name), choices)
 
     @classmethod
     def from_dict(cls, values: dict):

@@ -55,7 +55,7 @@ from rlvrw.data.sequences import SequenceLayout
 from rlvrw.eval import metrics
 from rlvrw.models.tokenizer import CompressiveTokenizer
 from rlvrw.models.transformer import WorldModelTransformer
-from rlvrw.ops import _checks
+from rlvrw import checks
 from rlvrw.rl import checkpoint
 from rlvrw.rl.config import RunConfig, check_model_dir, config_command, option
 from rlvrw.rl.pretrain import clip_span, clip_times, encode_clips, episode_stream
@@ -109,16 +109,11 @@ class EvalConfig(RunConfig):
         super().__post_init__()
         for name in ("context_frames", "predicted_frames", "frame_skip", "clip_stride", "action_bins", "group_size",
                      "prompts_per_batch"):
-            _checks.integer(name, getattr(self, name))
+            checks.integer(name, getattr(self, name))
         for name in ("max_clips", "top_k", "strip_clips", "seed"):
-            _checks.integer(name, getattr(self, name), low=0)
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not self.temperature > 0:
-            raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}")
-        for name, choices in (("split", SPLITS), ("lpips_net", LPIPS_NETS),
-                              ("device", ("auto", "cpu", "cuda"))):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+            checks.integer(name, getattr(self, name), low=0)
+        checks.positive("temperature", self.temperature)
+        checks.choice("device", self.device, ("auto", "cpu", "cuda"))
 
     def check_inputs(self) -> None:
         """The files an evaluation reads must be named and exist, and ``out_dir`` be no file."""

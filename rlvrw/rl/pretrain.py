@@ -80,7 +80,7 @@ from rlvrw.data.actions import NUM_BINS
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models.tokenizer import CompressiveTokenizer
 from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
-from rlvrw.ops import _checks
+from rlvrw import checks
 from rlvrw import files, usage
 from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard
 from rlvrw.rl import checkpoint, distributed
@@ -325,7 +325,7 @@ def encode_clips(tokenizer: CompressiveTokenizer, frames: torch.Tensor, times: n
 
 def _check_encoding_settings(tokenizer, frames_per_batch, device) -> torch.device:
     """``frames_per_batch`` checked; the device the encoder runs on (default: the tokenizer's parameters')."""
-    _checks.integer("frames_per_batch", frames_per_batch)
+    checks.integer("frames_per_batch", frames_per_batch)
     if device is None:
         parameter = next(iter(tokenizer.parameters()), None) if isinstance(tokenizer, nn.Module) else None
         device = parameter.device if parameter is not None else torch.device("cpu")
@@ -437,8 +437,8 @@ def tokenize_clips(
         raise ValueError(f"tokenizer must be a CompressiveTokenizer, got {type(tokenizer).__name__}")
     for name, value in (("context_frames", context_frames), ("predicted_frames", predicted_frames),
                         ("frame_skip", frame_skip)):
-        _checks.integer(name, value)
-    _checks.integer("clip_stride", clip_stride, low=0)
+        checks.integer(name, value)
+    checks.integer("clip_stride", clip_stride, low=0)
     device = _check_encoding_settings(tokenizer, frames_per_batch, device)
     ids_dtype = _ids_dtype(tokenizer.codebook_size)
     clip_frames = 1 + context_frames + predicted_frames
@@ -625,24 +625,15 @@ class PretrainConfig(RunConfig):
             self.frame_size = tuple(self.frame_size)
         self.betas = tuple(self.betas)
         for name in POSITIVE_INT_FIELDS:
-            _checks.integer(name, getattr(self, name))
+            checks.integer(name, getattr(self, name))
         for name in NON_NEGATIVE_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
+            checks.number(name, getattr(self, name), low=0)
+        checks.positive("lr", self.lr)
+        checks.number("min_lr_ratio", self.min_lr_ratio, 0, 1)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.frame_size is not None and (len(self.frame_size) != 2 or min(self.frame_size) < 1):
             raise ValueError(f"frame_size must be (H, W) positive, got {self.frame_size!r}")
-        for name, choices in (("model", MODEL_SIZES), ("precision", PRECISIONS),
-                              ("parallel", distributed.STRATEGIES), ("tensorboard", TENSORBOARD_CHOICES),
-                              ("on_nonfinite", ON_NONFINITE)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if not isinstance(self.model_overrides, dict):
             raise ValueError(f"model_overrides must be a dict of WorldModelConfig fields, got {self.model_overrides!r}")
         unknown = sorted(set(self.model_overrides) - {f.name for f in dataclasses.fields(WorldModelConfig)})
@@ -757,7 +748,7 @@ def value_checks_off_on_gpu(device: torch.device):
     if device.type != "cuda":
         yield
         return
-    previous = _checks.value_checks_enabled(torch.empty(0))
+    previous = checks.value_checks_enabled(torch.empty(0))
     ops.set_value_checks(False)
     try:
         yield

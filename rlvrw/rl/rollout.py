@@ -41,7 +41,7 @@ import torch
 
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models.transformer import WorldModelTransformer
-from rlvrw.ops import _checks
+from rlvrw import checks
 
 MASK32 = 0xFFFFFFFF
 # Mueller's 32-bit hash multiplier. It is below 2**27, so a product with a 32-bit value fits in int64 without wrapping.
@@ -142,11 +142,9 @@ class GroupSampler:
         if not isinstance(layout, SequenceLayout):
             raise ValueError(f"layout must be a SequenceLayout, got {type(layout).__name__}")
         for name, value in (("group_size", group_size), ("max_prompts", max_prompts)):
-            _checks.integer(name, value)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0: no truncation), got {top_k!r}")
+            checks.integer(name, value)
+        checks.positive("temperature", temperature)
+        checks.integer("top_k", top_k, low=0)
         if model.config.vocab_size < layout.vocab_size:
             raise ValueError(f"model's vocab_size ({model.config.vocab_size}) is smaller than the layout's "
                              f"({layout.vocab_size})")
@@ -259,8 +257,7 @@ class GroupSampler:
             raise ValueError(f"known must have one row per prompt ({prompts.shape[0]}), got {known.shape[0]}")
         if prompts.shape[0] == 0:
             raise ValueError("prompts must hold at least one prompt")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MASK32:
-            raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-        _checks.integer("first_row", first_row, low=0)
+        checks.integer("seed", seed, low=0, high=MASK32)
+        checks.integer("first_row", first_row, low=0)
         if first_row + prompts.shape[0] * self.group_size > MASK32:
             raise ValueError(f"first_row + rows must stay below 2**32 (the noise's row counter), got {first_row}")

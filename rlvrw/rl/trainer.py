@@ -64,7 +64,7 @@ from rlvrw import usage
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard
 from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
-from rlvrw.ops import _checks
+from rlvrw import checks
 from rlvrw.reference.grpo import ADVANTAGE_SCALES, KL_TYPES, LOSS_AGGS
 from rlvrw.rl import checkpoint, distributed
 from rlvrw.rl.checkpoint import RESUME_HELP
@@ -166,38 +166,27 @@ class RLConfig(RunConfig):
         super().__post_init__()
         if self.token_grid is not None:
             self.token_grid = tuple(self.token_grid)
-            if len(self.token_grid) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
-                                                for v in self.token_grid):
+            if len(self.token_grid) != 2:
                 raise ValueError(f"token_grid must be two positive ints (h, w), got {self.token_grid!r}")
+            for value in self.token_grid:
+                checks.integer("token_grid", value)
         self.betas = tuple(self.betas)
         for name in ("context_frames", "frame_skip", "codebook_size", "action_bins", "steps", "prompts_per_step",
                      "group_size", "rollout_prompts", "micro_batch_size", "log_every", "save_every",
                      "keep_checkpoints"):
-            _checks.integer(name, getattr(self, name))
+            checks.integer(name, getattr(self, name))
         for name in ("top_k", "warmup_steps", "seed", "stop_at_step"):
-            _checks.integer(name, getattr(self, name), low=0)
+            checks.integer(name, getattr(self, name), low=0)
         for name in ("weight_decay", "grad_clip", "dual_clip", "kl_coef", "adv_eps", "l1_weight", "lpips_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            checks.number(name, getattr(self, name), low=0)
         for name in ("lr", "temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
+            checks.positive(name, getattr(self, name))
+        checks.number("min_lr_ratio", self.min_lr_ratio, 0, 1)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not any(self.reward_weights().values()):
             raise ValueError(f"every weight of the reward {self.reward!r} is 0 (l1_weight, lpips_weight): the reward "
                              "would be constant")
-        for name, choices in (("model", MODEL_SIZES), ("attention_backend", ATTENTION_BACKENDS),
-                              ("kl_type", KL_TYPES), ("loss_agg", LOSS_AGGS), ("adv_scale", ADVANTAGE_SCALES),
-                              ("old_logp", OLD_LOGP_SOURCES), ("ref_dtype", tuple(REFERENCE_DTYPES)),
-                              ("lpips_net", LPIPS_NETS), ("precision", PRECISIONS),
-                              ("tensorboard", TENSORBOARD_CHOICES), ("on_nonfinite", ON_NONFINITE)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if not isinstance(self.model_overrides, dict):
             raise ValueError(f"model_overrides must be a dict of WorldModelConfig fields, got {self.model_overrides!r}")
         unknown = sorted(set(self.model_overrides) - {f.name for f in dataclasses.fields(WorldModelConfig)})

@@ -1,5 +1,7 @@
-"""Input checks shared by the ops: each raises ValueError naming the argument and what was expected (for an argument
-of the wrong type ``ArgumentTypeError``, which is both a TypeError and a ValueError).
+"""Input checks for every layer: each raises ValueError naming the argument and what was expected (for an argument
+of the wrong type ``ArgumentTypeError``, which is both a TypeError and a ValueError). The value checks (``number``,
+``integer``, ``choice``) take ``error=`` for the class to raise instead, e.g. ``rlvrw.usage.UsageError`` where the
+value is a flag the user typed. A leaf module: it imports torch and numpy only, so any module of rlvrw may use it.
 
 Shape, dtype and option checks are free. Checks on values (token ids in range) need the data, which on a GPU means a
 host sync; they run unless ``set_value_checks(False)`` (or ``RLVRW_VALUE_CHECKS=0``), which a training loop that
@@ -62,9 +64,16 @@ class ArgumentTypeError(TypeError, ValueError):
     earlier checks (which raised ValueError for everything) still catch it."""
 
 
-def choice(name: str, value, choices) -> None:
+def _type_error(error: type[ValueError]) -> type[ValueError]:
+    """The class for a value of the wrong type: ``ArgumentTypeError`` unless the caller asked for its own."""
+    return ArgumentTypeError if error is ValueError else error
+
+
+def choice(name: str, value, choices, *, error: type[ValueError] = ValueError):
+    """``value`` must be one of ``choices`` (a bool never is). Returns it."""
     if isinstance(value, bool) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise error(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
 def boolean(name: str, value) -> bool:
@@ -86,11 +95,12 @@ def number(
     low_open: bool = False,
     high_open: bool = False,
     finite: bool = True,
+    error: type[ValueError] = ValueError,
 ) -> float:
     """``value`` must be a real number (not a bool, not a string), not NaN, finite unless ``finite=False``, and in
     the interval given by ``low`` / ``high`` (closed unless ``low_open`` / ``high_open``). Returns it as a float."""
     if not _is_real(value):
-        raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+        raise _type_error(error)(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
     bounds = []
     if low is not None:
@@ -104,25 +114,25 @@ def number(
         ok = ok and (value < high if high_open else value <= high)
     if not ok:
         what = ("a finite number" if finite else "a number (not NaN)") + (" " + " and ".join(bounds) if bounds else "")
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+        raise error(f"{name} must be {what}, got {value!r}")
     return value
 
 
-def positive(name: str, value, allow_zero: bool = False) -> float:
+def positive(name: str, value, allow_zero: bool = False, *, error: type[ValueError] = ValueError) -> float:
     """A finite real number > 0 (>= 0 with ``allow_zero``)."""
-    return number(name, value, low=0, low_open=not allow_zero)
+    return number(name, value, low=0, low_open=not allow_zero, error=error)
 
 
-def integer(name: str, value, low: int = 1, high: int | None = None) -> int:
+def integer(name: str, value, low: int = 1, high: int | None = None, *, error: type[ValueError] = ValueError) -> int:
     """``value`` must be an int (not a bool; numpy integers are fine) in [low, high]."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise _type_error(error)(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < low or (high is not None and value > high):
         if high is not None:
             expected = f"an int in [{low}, {high}]"
         else:
             expected = "a positive int" if low == 1 else f"an int >= {low}"
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise error(f"{name} must be {expected}, got {value!r}")
     return int(value)
 
 
