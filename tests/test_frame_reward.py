@@ -191,6 +191,12 @@ def test_l1_lpips_reward_is_the_l1_plus_lpips_case(alex64):
     torch.testing.assert_close(ops.l1_lpips_reward(pred, target, 2, alex64, 0.7, 1.3), want, rtol=0, atol=0)
     reward, terms = ops.frame_reward(pred, target, 2, "l1+lpips", alex64, return_terms=True)
     torch.testing.assert_close(reward, -(terms["mae"] + terms["lpips"]), rtol=0, atol=1e-15)
+    weighted, own_terms = ops.l1_lpips_reward(pred, target, 2, alex64, 0.7, 1.3, return_terms=True)
+    torch.testing.assert_close(weighted, want, rtol=0, atol=0)
+    assert set(own_terms) == {"mae", "lpips"}
+    for name in own_terms:  # the unweighted terms, so a trainer logs them without inverting the reward
+        torch.testing.assert_close(own_terms[name], terms[name], rtol=0, atol=0)
+    torch.testing.assert_close(weighted, -(0.7 * own_terms["mae"] + 1.3 * own_terms["lpips"]), rtol=1e-6, atol=1e-7)
 
 
 def test_pixel_only_rewards_need_no_lpips_and_empty_batches():

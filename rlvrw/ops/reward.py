@@ -340,13 +340,15 @@ def l1_lpips_reward(
     *,
     frame_reduction: str = "mean",
     gamma: float = 0.9,
+    return_terms: bool = False,
     precision: str = "auto",
     micro_batch: int | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
+):
     """``-(l1_weight * mean|pred - target| + lpips_weight * LPIPS(2 * pred - 1, 2 * target - 1))`` per sample: RLVR-
     World's video reward, ``frame_reward``'s ``"l1+lpips"`` case (same shapes and options; ``lpips`` required). The
     L1 term comes from the pass that scales the frames into the backbone's input, at no extra read.
+    return_terms: also return ``{"mae": (B*G,), "lpips": (B*G,)}``, the unweighted terms (as ``frame_reward``).
     precision: the backbone's dtype. ``"auto"``: bf16 (channels_last) on the GPU, fp32 on CPU, fp64 for fp64 input;
     ``"fp32"`` for evaluation-grade numbers. The LPIPS tail and the L1 term are always float32 or better.
     micro_batch: images per backbone call (rounded to whole groups, at least one group); default from the device's
@@ -355,5 +357,5 @@ def l1_lpips_reward(
     _check_frames(pred, target, group_size)
     _check_lpips(lpips, checks.same_device(pred=pred, target=target))
     weights = {"mae": _check_weight("l1_weight", l1_weight), "lpips": _check_weight("lpips_weight", lpips_weight)}
-    return frame_reward(pred, target, group_size, weights, lpips, frame_reduction, gamma, precision=precision,
-                        micro_batch=micro_batch, backend=backend)
+    return frame_reward(pred, target, group_size, weights, lpips, frame_reduction, gamma, return_terms=return_terms,
+                        precision=precision, micro_batch=micro_batch, backend=backend)
