@@ -264,7 +264,7 @@ def train_tokenizer(model: FrameTokenizer | CompressiveTokenizer, frames: torch.
                     log: Callable[[str], None] | None = print, clips: torch.Tensor | None = None) -> list[dict]:
     """Train ``model`` in place on uint8 ``frames`` (N, 3, H, W) (kept on the host, batches moved to the model's
     device). A ``CompressiveTokenizer`` needs ``clips``: (n, 1 + F) indices into ``frames``, the context frame first
-    (``rlvrw.rl.pretrain.clip_times`` cuts them per episode). Returns the logged history (step, lr, losses,
+    (``rlvrw.data.clips.clip_times`` cuts them per episode). Returns the logged history (step, lr, losses,
     seconds)."""
     config = config or TrainConfig()
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
