@@ -227,7 +227,7 @@ def plot(part: str, result: dict, path: Path) -> None:
                 ax.plot(i, result["per_seed"][seed][name]["lpips"], "k.", ms=4)
         ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names])
         ax.set_ylabel("LPIPS (lower is better)")
-        ax.set_title(f"next frame, held-out clips ({len(seeds)} training seeds: dots; bars: mean)", fontsize=9)
+        ax.set_title(f"next frame, held-out clips (training seeds {', '.join(seeds)}: dots; bars: mean)", fontsize=9)
     elif part == "metrics":
         rewards = [r for r in REWARDS if r in mean]
         gains = [[relative_gain(mean[r], mean["mle"], m) for m in TABLE_METRICS] for r in rewards]
@@ -241,7 +241,7 @@ def plot(part: str, result: dict, path: Path) -> None:
         ax.set_yticks(range(len(rewards)), rewards)
         ax.set_xlabel("evaluated on")
         ax.set_ylabel("RLVR reward")
-        ax.set_title(f"% better than MLE (mean of {len(seeds)} seeds)", fontsize=9)
+        ax.set_title(f"% better than MLE (mean over training seeds {', '.join(seeds)})", fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.8)
     elif part == "group_size":
         fig, ax = plt.subplots(figsize=(5, 3.2))
