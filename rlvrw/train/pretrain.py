@@ -30,12 +30,10 @@ import contextlib
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 import rlvrw.ops as ops
@@ -46,7 +44,7 @@ from rlvrw.data.token_cache import load_token_cache
 from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard
 from rlvrw.models.tokenizer import CompressiveTokenizer
 from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
-from rlvrw.train import checkpoints, distributed
+from rlvrw.train import distributed
 from rlvrw.train.build import (
     MODEL_SIZES,
     PRECISIONS,
@@ -56,11 +54,11 @@ from rlvrw.train.build import (
     make_scheduler,
     peak_flops,
     training_flops_per_sequence,
-    value_checks_off_on_gpu,
 )
 from rlvrw.train.checkpoints import RESUME_HELP
 from rlvrw.train.config import RunConfig, check_model_dir, check_token_cache, config_command, option, print_summary
-from rlvrw.train.logging import TENSORBOARD_CHOICES, RunLogger
+from rlvrw.train.logging import TENSORBOARD_CHOICES
+from rlvrw.train.run_loop import LogWindow, Stage, in_process_group, run_stage
 from rlvrw.train.tokenize import tokenize_clips, tokenize_episodes
 
 logger = logging.getLogger(__name__)
@@ -272,19 +270,10 @@ def pretrain(config: PretrainConfig) -> dict:
     """Train (or continue training) the world model as ``config`` says; see the module doc. Under torchrun every
     process calls this. Returns a summary: {"step", "loss", "tokens_per_s", "checkpoint", "model_dir",
     "nonfinite_skipped"}."""
-    config.check_inputs()
-    joined_here = not dist.is_initialized()
-    context = distributed.setup(config.device)
-    try:
-        return _train(config, context)
-    finally:
-        if joined_here:
-            distributed.teardown()
+    return in_process_group(config, _train)
 
 
 def _train(config: PretrainConfig, context: distributed.DistributedContext) -> dict:
-    out_dir = Path(config.out_dir)
-    checkpoint_dir = out_dir / "checkpoints"
     cache = load_token_cache(prepare_token_cache(config, context))
     layout = layout_for_cache(cache, config.context_frames, config.codebook_size, config.action_bins)
     # the clips of a multi-step cache tokenized here were cut with frame_skip already: a row's frames are consecutive
@@ -303,11 +292,7 @@ def _train(config: PretrainConfig, context: distributed.DistributedContext) -> d
     fused = context.device.type == "cuda" and not (context.distributed and config.parallel == "fsdp")
     optimizer = make_optimizer(world_model, config, fused)
     scheduler = make_scheduler(optimizer, config)
-
-    start_step, found = checkpoints.start_or_resume(checkpoint_dir, out_dir, config, world_model, optimizer, scheduler,
-                                                   context.is_main)
-    end_step = config.stop_at_step or config.steps
-    guard = NonFiniteGuard(config.on_nonfinite, "pretrain", skipped=checkpoints.skipped_steps(found))
+    guard = NonFiniteGuard(config.on_nonfinite, "pretrain")
 
     global_batch = config.micro_batch_size * config.grad_accum_steps * context.world_size
     loss_tokens_per_sequence = int(layout.tables().loss_mask.sum())
@@ -317,55 +302,43 @@ def _train(config: PretrainConfig, context: distributed.DistributedContext) -> d
     peak = peak_flops(context.device) if dtype == torch.bfloat16 else None
     rank_rows = config.micro_batch_size * config.grad_accum_steps
     first_row = context.rank * rank_rows
-
-    run_log = RunLogger(out_dir, total_steps=end_step, start_step=start_step, tensorboard=config.tensorboard,
-                        progress=config.progress, progress_keys=("loss", "lr", "tokens_per_s"))
-    run_log.message(f"pretrain: {world_model.num_parameters():,} parameters, {layout.mode} sequences of "
-                    f"{layout.seq_len} tokens, global batch {global_batch}, steps {start_step} -> {end_step}"
-                    + (f" (resumed from {found})" if found is not None else ""))
-    summary = {"step": start_step, "loss": None, "tokens_per_s": None, "checkpoint": str(found) if found else None}
     nll_since_log = torch.zeros((), device=context.device)
-    steps_since_log, log_start = 0, time.perf_counter()
-    with contextlib.closing(run_log), value_checks_off_on_gpu(context.device):
-        for step in range(start_step, end_step):
-            micro_batches = [
-                sampler.sequences(step, global_batch, slice(row, row + config.micro_batch_size)).to(context.device)
-                for row in range(first_row, first_row + rank_rows, config.micro_batch_size)
-            ]
-            lr = scheduler.get_last_lr()[0]
-            done = step + 1
-            nll, grad_norm = train_step(wrapped, optimizer, scheduler, micro_batches, global_loss_tokens,
-                                        config.grad_clip, dtype, context.world_size, guard, done)
-            nll_since_log += nll
-            steps_since_log += 1
-            if done % config.log_every == 0 or done == end_step:
-                guard.check()  # before the loss is read: a stopped run logs no non-finite loss
-                loss = distributed.all_reduce_sum(nll_since_log).item() / (global_loss_tokens * steps_since_log)
-                elapsed = time.perf_counter() - log_start  # after the .item() above: the device has finished
-                metrics = {
-                    "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                    "tokens_per_s": tokens_per_step * steps_since_log / elapsed,
-                    "step_time_s": elapsed / steps_since_log, "tokens": done * tokens_per_step,
-                    "nonfinite_skipped": guard.skipped,
-                }
-                if peak is not None:
-                    metrics["mfu"] = flops_per_step * steps_since_log / elapsed / peak
-                run_log.log(done, metrics)
-                summary.update(step=done, loss=loss, tokens_per_s=metrics["tokens_per_s"])
-                nll_since_log = torch.zeros((), device=context.device)
-                steps_since_log, log_start = 0, time.perf_counter()
-            if done % config.save_every == 0 or done == end_step:
-                state = {"config": config.to_dict(), "data": {"seed": config.seed, "next_step": done,
-                                                              "sequences_seen": done * global_batch},
-                         "tokens": done * tokens_per_step, "nonfinite_skipped": guard.check()}
-                path = checkpoints.save_checkpoint(checkpoint_dir, done, world_model, optimizer, scheduler, state,
-                                                  keep_last=config.keep_checkpoints)
-                summary["checkpoint"] = str(path)
-            run_log.advance()
-    summary["nonfinite_skipped"] = guard.check()
-    if end_step == config.steps:
-        summary["model_dir"] = str(checkpoints.save_model(out_dir / "model", world_model))
-    return summary
+    grad_norm = None
+
+    def step(step: int) -> None:
+        nonlocal nll_since_log, grad_norm
+        micro_batches = [
+            sampler.sequences(step, global_batch, slice(row, row + config.micro_batch_size)).to(context.device)
+            for row in range(first_row, first_row + rank_rows, config.micro_batch_size)
+        ]
+        nll, grad_norm = train_step(wrapped, optimizer, scheduler, micro_batches, global_loss_tokens,
+                                    config.grad_clip, dtype, context.world_size, guard, step + 1)
+        nll_since_log += nll
+
+    def metrics(done: int, window: LogWindow) -> dict:
+        nonlocal nll_since_log
+        loss = distributed.all_reduce_sum(nll_since_log).item() / (global_loss_tokens * window.steps)
+        elapsed = window.seconds()  # after the .item() above: the device has finished
+        logged = {
+            "loss": loss, "lr": window.lr, "grad_norm": grad_norm.item(),
+            "tokens_per_s": tokens_per_step * window.steps / elapsed,
+            "step_time_s": elapsed / window.steps, "tokens": done * tokens_per_step,
+            "nonfinite_skipped": guard.skipped,
+        }
+        if peak is not None:
+            logged["mfu"] = flops_per_step * window.steps / elapsed / peak
+        nll_since_log = torch.zeros((), device=context.device)
+        return logged
+
+    def data_state(done: int) -> dict:
+        return {"data": {"seed": config.seed, "next_step": done, "sequences_seen": done * global_batch},
+                "tokens": done * tokens_per_step}
+
+    description = (f"{world_model.num_parameters():,} parameters, {layout.mode} sequences of {layout.seq_len} tokens, "
+                   f"global batch {global_batch}")
+    return run_stage(config, context, Stage(
+        "pretrain", world_model, optimizer, scheduler, guard, step, metrics, data_state, description,
+        progress_keys=("loss", "lr", "tokens_per_s"), summary_keys=("loss", "tokens_per_s")))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -51,24 +51,21 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.func import functional_call
 
 import rlvrw.ops as ops
-from rlvrw import usage
+from rlvrw import checks, usage
+from rlvrw.data.clips import ClipSampler, layout_for_cache
 from rlvrw.data.sequences import SequenceLayout
+from rlvrw.data.token_cache import load_token_cache
 from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard
 from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
-from rlvrw import checks
 from rlvrw.reference.grpo import ADVANTAGE_SCALES, KL_TYPES, LOSS_AGGS
-from rlvrw.data.clips import ClipSampler, layout_for_cache
-from rlvrw.data.token_cache import load_token_cache
-from rlvrw.train import checkpoints, distributed
+from rlvrw.train import distributed
 from rlvrw.train.build import (
     MODEL_SIZES,
     PRECISIONS,
@@ -80,8 +77,9 @@ from rlvrw.train.build import (
 )
 from rlvrw.train.checkpoints import RESUME_HELP
 from rlvrw.train.config import RunConfig, check_model_dir, check_token_cache, config_command, option, print_summary
-from rlvrw.train.logging import TENSORBOARD_CHOICES, RunLogger
+from rlvrw.train.logging import TENSORBOARD_CHOICES
 from rlvrw.train.rollout import GroupSampler, Rollout
+from rlvrw.train.run_loop import LogWindow, Stage, in_process_group, run_stage
 from rlvrw.usage import UsageError
 
 
@@ -558,21 +556,13 @@ def load_lpips(config: RLConfig, device: torch.device) -> nn.Module:
 def rl(config: RLConfig) -> dict:
     """Post-train (or continue post-training) the world model as ``config`` says; see the module doc. Under torchrun
     every process calls this. Returns {"step", "reward_mean", "checkpoint", "model_dir"}."""
-    config.check_inputs()
-    joined_here = not dist.is_initialized()
-    context = distributed.setup(config.device)
-    try:
-        return _train(config, context)
-    finally:
-        if joined_here:
-            distributed.teardown()
+    return in_process_group(config, _train)
 
 
 def _train(config: RLConfig, context: distributed.DistributedContext) -> dict:
     from rlvrw.models.checkpoints import load_tokenizer
 
-    out_dir, device = Path(config.out_dir), context.device
-    checkpoint_dir = out_dir / "checkpoints"
+    device = context.device
     if config.prompts_per_step % context.world_size:
         raise UsageError(f"prompts_per_step ({config.prompts_per_step}) must be divisible by the number of processes "
                          f"({context.world_size}): every process rolls out whole groups of its own prompts")
@@ -586,52 +576,32 @@ def _train(config: RLConfig, context: distributed.DistributedContext) -> dict:
     lpips = load_lpips(config, device) if "lpips" in config.reward_weights() else None
     trainer = GRPOTrainer(config, policy, layout, tokenizer, lpips, context)
 
-    start_step, found = checkpoints.start_or_resume(checkpoint_dir, out_dir, config, policy, trainer.optimizer,
-                                                   trainer.scheduler, context.is_main)
-    end_step = config.stop_at_step or config.steps
-    trainer.guard.skipped = checkpoints.skipped_steps(found)
-
     local_prompts = config.prompts_per_step // context.world_size
     rank_rows = slice(context.rank * local_prompts, (context.rank + 1) * local_prompts)
     sampled_tokens_per_step = config.prompts_per_step * config.group_size * layout.response_len
+    last = {}  # the newest step's sums and phase timer
 
-    run_log = RunLogger(out_dir, total_steps=end_step, start_step=start_step, tensorboard=config.tensorboard,
-                        progress=config.progress, progress_keys=("reward_mean", "kl", "tokens_per_s"))
-    run_log.message(f"rl: {policy.num_parameters():,} parameters, {layout.mode} sequences of {layout.seq_len} "
-                    f"tokens, {config.prompts_per_step} prompts x G={config.group_size} per step, steps "
-                    f"{start_step} -> {end_step}" + (f" (resumed from {found})" if found is not None else ""))
-    summary = {"step": start_step, "reward_mean": None, "checkpoint": str(found) if found else None}
-    steps_since_log, log_start = 0, time.perf_counter()
-    with contextlib.closing(run_log):
-        for step in range(start_step, end_step):
-            sequences = clips.sequences(step, config.prompts_per_step, rank_rows)
-            if device.type == "cuda":
-                sequences = sequences.pin_memory()
-            lr = trainer.scheduler.get_last_lr()[0]
-            sums, timer = trainer.train_step(sequences.to(device, non_blocking=True), step)
-            steps_since_log += 1
-            done = step + 1
-            if done % config.log_every == 0 or done == end_step:
-                trainer.guard.check()  # before the metrics are read: a stopped run logs no non-finite loss
-                metrics = reduce_metrics(sums, timer)  # waits for the device
-                elapsed = time.perf_counter() - log_start
-                metrics.update(lr=lr, tokens_per_s=sampled_tokens_per_step * steps_since_log / elapsed,
-                               step_time_s=elapsed / steps_since_log, nonfinite_skipped=trainer.guard.skipped)
-                run_log.log(done, metrics)
-                summary.update(step=done, reward_mean=metrics["reward_mean"])
-                steps_since_log, log_start = 0, time.perf_counter()
-            if done % config.save_every == 0 or done == end_step:
-                state = {"config": config.to_dict(), "data": {"seed": config.seed, "next_step": done,
-                                                              "prompts_seen": done * config.prompts_per_step},
-                         "nonfinite_skipped": trainer.guard.check()}
-                path = checkpoints.save_checkpoint(checkpoint_dir, done, policy, trainer.optimizer, trainer.scheduler,
-                                                  state, keep_last=config.keep_checkpoints)
-                summary["checkpoint"] = str(path)
-            run_log.advance()
-    summary["nonfinite_skipped"] = trainer.guard.check()
-    if end_step == config.steps:
-        summary["model_dir"] = str(checkpoints.save_model(out_dir / "model", policy))
-    return summary
+    def step(step: int) -> None:
+        sequences = clips.sequences(step, config.prompts_per_step, rank_rows)
+        if device.type == "cuda":
+            sequences = sequences.pin_memory()
+        last["sums"], last["timer"] = trainer.train_step(sequences.to(device, non_blocking=True), step)
+
+    def metrics(done: int, window: LogWindow) -> dict:
+        logged = reduce_metrics(last["sums"], last["timer"])  # waits for the device
+        elapsed = window.seconds()
+        logged.update(lr=window.lr, tokens_per_s=sampled_tokens_per_step * window.steps / elapsed,
+                      step_time_s=elapsed / window.steps, nonfinite_skipped=trainer.guard.skipped)
+        return logged
+
+    def data_state(done: int) -> dict:
+        return {"data": {"seed": config.seed, "next_step": done, "prompts_seen": done * config.prompts_per_step}}
+
+    description = (f"{policy.num_parameters():,} parameters, {layout.mode} sequences of {layout.seq_len} tokens, "
+                   f"{config.prompts_per_step} prompts x G={config.group_size} per step")
+    return run_stage(config, context, Stage(
+        "rl", policy, trainer.optimizer, trainer.scheduler, trainer.guard, step, metrics, data_state, description,
+        progress_keys=("reward_mean", "kl", "tokens_per_s"), summary_keys=("reward_mean",)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
