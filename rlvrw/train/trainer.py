@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -77,6 +78,7 @@ from rlvrw.train.build import (
 )
 from rlvrw.train.checkpoints import RESUME_HELP
 from rlvrw.train.config import RunConfig, check_model_dir, check_token_cache, config_command, option, print_summary
+from rlvrw.train.grpo import ScoredRows, grpo_update
 from rlvrw.train.logging import TENSORBOARD_CHOICES
 from rlvrw.train.rollout import GroupSampler, Rollout
 from rlvrw.train.run_loop import LogWindow, Stage, in_process_group, run_stage
@@ -469,51 +471,39 @@ class GRPOTrainer:
         return sums, timer
 
     def update(self, rollout: Rollout, advantages: torch.Tensor, step: int | None = None) -> dict[str, torch.Tensor]:
-        """The policy-gradient half of a step: the GRPO loss over micro-batches of this rank's rollouts, normalized
-        by the global token (or sequence) count, backward, gradient clipping, AdamW (through ``self.guard``: not
-        applied when a loss term or the gradient norm is not finite; ``step`` names the step in its report).
-        advantages (n,). Returns the loss terms' sums over micro-batches (each already divided by the global token
-        count, so the sum over ranks is the global mean) and ``grad_norm``."""
+        """The policy-gradient half of a step: ``rlvrw.train.grpo.grpo_update`` on this rank's rollouts, the
+        policy scored under autocast, normalized by the global token (or sequence) count, AdamW through
+        ``self.guard`` (``step`` names the step in its report). advantages (n,). Returns the loss terms' sums over
+        micro-batches (each already divided by the global token count, so the sum over ranks is the global mean),
+        ``entropy``, ``logp_gap`` and ``grad_norm``."""
         config, device = self.config, self.context.device
         ids, world = rollout.ids, self.context.world_size
         rows, length = ids.shape[0], self.scorer.num_tokens
-        # The normalizers of the whole batch (every rank holds as many rollouts), so that micro-batches and ranks
-        # add up to it; device tensors, because grpo_loss would copy a Python number to the device (a sync).
+        # the whole batch's counts (every rank holds as many rollouts), so that micro-batches and ranks add up to it
         global_tokens = torch.full((), float(rows * length * world), device=device)
         global_sequences = torch.full((), float(rows * world), device=device)
         sampled_logp = rollout.logp.index_select(1, self.response_positions)
         mask = torch.ones(rows, length, dtype=torch.bool, device=device)
-        sums = {name: torch.zeros((), device=device) for name in TOKEN_MEANS}
+        extra = {name: torch.zeros((), device=device) for name in ("entropy", "logp_gap")}
         autocast = torch.autocast(device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
         with self.reference.loaded() if self.reference else contextlib.nullcontext() as reference_logprobs:
-            for start in range(0, rows, config.micro_batch_size):
-                part = slice(start, min(start + config.micro_batch_size, rows))
+
+            def score(part: slice) -> ScoredRows:
                 ref_logp = reference_logprobs(ids[part]) if reference_logprobs else None
-                with distributed.gradient_sync(self.wrapped, part.stop == rows):
-                    with autocast:
-                        logp, entropy = self.wrapped(ids[part])
-                    old_logp = logp.detach() if config.old_logp == "recompute" else sampled_logp[part]
-                    loss, stats = ops.grpo_loss(logp, old_logp, advantages[part], mask[part], ref_logp,
-                                                num_tokens=global_tokens, num_seqs=global_sequences,
-                                                **self.loss_options)
-                    (loss * world).backward()
-                # clip_frac and friends are means over this micro-batch's tokens: weight them by its share
-                share = (part.stop - part.start) * length / global_tokens
-                sums["loss"] += loss.detach()
-                sums["pg_loss"] += stats["pg_loss"]
-                sums["kl"] += stats["kl"]
-                for name in ("clip_frac", "clip_frac_lower", "approx_kl"):
-                    sums[name] += stats[name] * share
-                sums["entropy"] += entropy.detach().sum() / global_tokens
-                sums["logp_gap"] += (logp.detach() - sampled_logp[part]).abs().sum() / global_tokens
-        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
-        self.guard.step(self.optimizer, step, loss=sums["loss"], pg_loss=sums["pg_loss"], kl=sums["kl"],
-                        grad_norm=grad_norm)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        sums["grad_norm"] = grad_norm.detach()
-        return sums
+                with autocast:
+                    logp, entropy = self.wrapped(ids[part])
+                extra["entropy"] += entropy.detach().sum() / global_tokens
+                extra["logp_gap"] += (logp.detach() - sampled_logp[part]).abs().sum() / global_tokens
+                old_logp = None if config.old_logp == "recompute" else sampled_logp[part]
+                return ScoredRows(logp, old_logp, mask[part], ref_logp)
+
+            sums = grpo_update(score, rows, config.micro_batch_size, advantages, self.optimizer,
+                               self.policy.parameters(), num_tokens=global_tokens, num_seqs=global_sequences,
+                               grad_clip=config.grad_clip, guard=self.guard, step=step, scheduler=self.scheduler,
+                               world_size=world, gradient_sync=functools.partial(distributed.gradient_sync,
+                                                                                 self.wrapped),
+                               **self.loss_options)
+        return {**sums, **extra}
 
 
 def reduce_metrics(sums: dict[str, torch.Tensor], timer: PhaseTimer | None = None) -> dict[str, float]:
