@@ -19,6 +19,7 @@ import torch
 from rlvrw.data import clips as CL
 from rlvrw.data import token_cache as TC
 from rlvrw.guard import NonFiniteGuard, check_finite_state
+from rlvrw.models.transformer import WorldModelTransformer
 from rlvrw.train import build as B
 from rlvrw.train import pretrain as P
 from rlvrw.train.logging import read_metrics
@@ -196,7 +197,7 @@ def test_one_bad_step_is_skipped_and_counted(tmp_path, poisoned_step_2):
     summary = P.pretrain(tiny_config(tmp_path, on_nonfinite="skip"))
     assert summary["step"] == 3 and summary["nonfinite_skipped"] == 1 and np.isfinite(summary["loss"])
     assert [r["nonfinite_skipped"] for r in read_metrics(tmp_path / "run")] == [0, 1, 1]
-    model = P.WorldModelTransformer.from_pretrained(tmp_path / "run" / "model")
+    model = WorldModelTransformer.from_pretrained(tmp_path / "run" / "model")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -59,9 +59,10 @@ from rlvrw import checks
 from rlvrw.data.clips import clip_span, clip_times, episode_stream
 from rlvrw.train import checkpoints
 from rlvrw.train.config import RunConfig, check_model_dir, config_command, option
+from rlvrw.train.render import FrameRenderer, repeated_frames
 from rlvrw.train.rollout import GroupSampler
 from rlvrw.train.tokenize import encode_clips
-from rlvrw.train.trainer import LPIPS_NETS, FrameRenderer, load_lpips, repeated_frames, sampling_seed
+from rlvrw.train.trainer import LPIPS_NETS, load_lpips, sampling_seed
 from rlvrw.usage import UsageError
 
 logger = logging.getLogger(__name__)

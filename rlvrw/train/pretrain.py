@@ -36,14 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import rlvrw.ops as ops
 from rlvrw import checks, usage
 from rlvrw.data.clips import ClipSampler, episode_stream, layout_for_cache
-from rlvrw.data.sequences import SequenceLayout
 from rlvrw.data.token_cache import load_token_cache
 from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard
 from rlvrw.models.tokenizer import CompressiveTokenizer
-from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
+from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig
 from rlvrw.train import distributed
 from rlvrw.train.build import (
     MODEL_SIZES,
@@ -59,6 +57,7 @@ from rlvrw.train.checkpoints import RESUME_HELP
 from rlvrw.train.config import RunConfig, check_model_dir, check_token_cache, config_command, option, print_summary
 from rlvrw.train.logging import TENSORBOARD_CHOICES
 from rlvrw.train.run_loop import LogWindow, Stage, in_process_group, run_stage
+from rlvrw.train.scoring import NextTokenLoss
 from rlvrw.train.tokenize import tokenize_clips, tokenize_episodes
 
 logger = logging.getLogger(__name__)
@@ -70,27 +69,6 @@ CACHE_FILE = "tokens.npz"
 # The loss
 # ----------------------------------------------------------------------------------------------------------------------
 
-
-class NextTokenLoss(nn.Module):
-    """The summed negative log-likelihood of the predicted frame tokens of whole sequences (B, L) under
-    ``world_model``. It is the module that DDP and FSDP2 wrap, so that the output layer is used inside a forward
-    pass (where FSDP2 has gathered it)."""
-
-    def __init__(self, world_model: WorldModelTransformer, layout: SequenceLayout):
-        super().__init__()
-        self.world_model = world_model
-        # output position t is scored against token t+1: the positions before each loss token
-        positions = layout.tables().loss_mask[1:].nonzero().squeeze(1)
-        self.register_buffer("target_positions", positions, persistent=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.world_model(ids[:, :-1], return_logits=False)[:, self.target_positions]
-        targets = ids[:, 1:][:, self.target_positions]
-        weight = self.world_model.lm_head.weight
-        device_type = ids.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-        logp = ops.linear_token_logprobs(hidden.to(dtype), weight.to(dtype), targets)
-        return -logp.sum()
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration

@@ -49,7 +49,6 @@ import copy
 import dataclasses
 import functools
 import json
-import math
 import time
 from dataclasses import dataclass
 
@@ -80,8 +79,10 @@ from rlvrw.train.checkpoints import RESUME_HELP
 from rlvrw.train.config import RunConfig, check_model_dir, check_token_cache, config_command, option, print_summary
 from rlvrw.train.grpo import ScoredRows, grpo_update
 from rlvrw.train.logging import TENSORBOARD_CHOICES
+from rlvrw.train.render import FrameRenderer, mean_abs_error, repeated_frames
 from rlvrw.train.rollout import GroupSampler, Rollout
 from rlvrw.train.run_loop import LogWindow, Stage, in_process_group, run_stage
+from rlvrw.train.scoring import SampledTokenLogprobs, sampled_token_range  # noqa: F401
 from rlvrw.usage import UsageError
 
 
@@ -225,43 +226,6 @@ class RLConfig(RunConfig):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def sampled_token_range(layout: SequenceLayout) -> tuple[int, int]:
-    """The legal id range [low, high) shared by every sampled position of ``layout`` (its frame codebook)."""
-    tables = layout.tables()
-    lows, highs = set(tables.low[tables.loss_mask].tolist()), set(tables.high[tables.loss_mask].tolist())
-    if len(lows) != 1 or len(highs) != 1:
-        raise ValueError(f"layout's sampled positions must share one legal id range, got lows {sorted(lows)} and "
-                         f"highs {sorted(highs)}")
-    return lows.pop(), highs.pop()
-
-
-class SampledTokenLogprobs(nn.Module):
-    """Log-probs and entropies (n, L) of the L sampled tokens of whole sequences (n, seq_len) under the distribution
-    the sampler draws from: softmax(logits / temperature) over the legal ids (the frame codebook rows of the output
-    layer). The module that DDP wraps, so that the output layer is used inside its forward."""
-
-    def __init__(self, world_model: WorldModelTransformer, layout: SequenceLayout, temperature: float = 1.0):
-        super().__init__()
-        self.world_model, self.temperature = world_model, float(temperature)
-        self.low, self.high = sampled_token_range(layout)
-        targets = layout.tables().loss_mask.nonzero().squeeze(1)
-        # output position t predicts token t+1
-        self.register_buffer("target_positions", targets, persistent=False)
-        self.register_buffer("input_positions", targets - 1, persistent=False)
-        self.num_tokens = targets.numel()
-        self.response_positions = targets - layout.prompt_len  # (L,) on the CPU: index of a Rollout's (n, R) tensors
-
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # index_select, not advanced indexing: its backward (index_add_) never waits on the host
-        hidden = self.world_model(ids[:, :-1], return_logits=False).index_select(1, self.input_positions)
-        tokens = ids.index_select(1, self.target_positions) - self.low
-        weight = self.world_model.lm_head.weight[self.low : self.high]
-        device_type = ids.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-        return ops.linear_token_logprobs(hidden.to(dtype), weight.to(dtype), tokens, self.temperature,
-                                         return_entropy=True)
-
-
 class ReferencePolicy:
     """The frozen starting policy of the KL term: a copy of ``policy`` in ``dtype``. With ``offload`` on a GPU its
     weights stay in pinned host memory and are copied to the device (non-blocking) once per step, for that step."""
@@ -287,67 +251,6 @@ class ReferencePolicy:
         # leaving the context drops the device copies; the allocator reuses their memory in stream order, no sync
         on_device = {name: t.to(self.device, non_blocking=True) for name, t in self.host_tensors.items()}
         yield torch.no_grad()(lambda ids: functional_call(self.scorer, on_device, (ids,))[0])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Frames, rewards, repetition
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class FrameRenderer:
-    """The frames that whole sequences (n, seq_len) predict, in [0, 1], float32, through the tokenizer's fast
-    decoder (FSQ table gather + 1x1 conv in one op, ``dtype`` channels_last, fused GroupNorm + SiLU): single-step
-    (n, 3, H, W) from a ``FrameTokenizer`` and ``token_grid``; multi-step (n, K, 3, H, W) from a
-    ``CompressiveTokenizer``, whose grids are its own."""
-
-    def __init__(self, tokenizer: nn.Module, layout: SequenceLayout, token_grid: tuple[int, int] | None = None,
-                 dtype: torch.dtype = torch.float32):
-        self.tokenizer, self.layout, self.dtype = tokenizer, layout, dtype
-        if not hasattr(tokenizer, "decode_fast") or not hasattr(tokenizer, "codebook_size"):
-            raise UsageError("tokenizer must be a FrameTokenizer or CompressiveTokenizer, got "
-                             f"{type(tokenizer).__name__}")
-        if tokenizer.codebook_size != layout.codebook_size:
-            raise UsageError(f"tokenizer's codebook ({tokenizer.codebook_size} codes) differs from the layout's "
-                             f"({layout.codebook_size})")
-        if layout.multi:
-            if not hasattr(tokenizer, "future_grid"):
-                raise UsageError("a multi-step layout needs a CompressiveTokenizer (context and future grids)")
-            self.context_grid, self.grid = tuple(tokenizer.context_grid), tuple(tokenizer.future_grid)
-            if self.context_grid[0] * self.context_grid[1] != layout.context_tokens:
-                raise UsageError(f"tokenizer's context grid {self.context_grid} does not hold the layout's "
-                                 f"{layout.context_tokens} context tokens")
-        else:
-            if hasattr(tokenizer, "future_grid"):
-                raise UsageError("a single-step layout needs a FrameTokenizer")
-            side = math.isqrt(layout.frame_tokens)
-            if token_grid is None and side * side != layout.frame_tokens:
-                raise UsageError(f"token_grid is required: {layout.frame_tokens} tokens per frame is not a square")
-            self.grid = tuple(token_grid) if token_grid is not None else (side, side)
-        if self.grid[0] * self.grid[1] != layout.frame_tokens:
-            raise UsageError(f"token grid {self.grid} does not hold the layout's {layout.frame_tokens} frame tokens")
-
-    @torch.no_grad()
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        layout = self.layout
-        frames = layout.response_frames(ids[:, layout.prompt_len :])  # (n, K, N)
-        if not layout.multi:
-            return self.tokenizer.decode_fast(frames[:, 0].unflatten(1, self.grid), dtype=self.dtype)
-        context = (ids[:, : layout.context_tokens] - layout.context_offset).unflatten(1, self.context_grid)
-        return self.tokenizer.decode_fast(context, frames.unflatten(2, self.grid), dtype=self.dtype)[1]
-
-
-def mean_abs_error(predicted: torch.Tensor, truth: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The reward's L1 term per sample (n,): mean |prediction - its group's true frames| over frames and pixels."""
-    difference = predicted.unflatten(0, (-1, group_size)) - truth[:, None]
-    return difference.abs().flatten(2).mean(dim=2).flatten()
-
-
-def repeated_frames(layout: SequenceLayout, ids: torch.Tensor) -> torch.Tensor:
-    """Per sequence (n,), the fraction of predicted frames whose tokens all equal the previous frame's (the last
-    context frame before the first prediction): DESIGN.md's repetition."""
-    previous = layout.prompt_frames(ids[:, : layout.prompt_len])[:, -1:]
-    frames = torch.cat([previous, layout.response_frames(ids[:, layout.prompt_len :])], dim=1)
-    return (frames[:, 1:] == frames[:, :-1]).all(dim=2).float().mean(dim=1)
 
 
 def sampling_seed(seed: int, step: int) -> int:
