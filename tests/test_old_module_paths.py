@@ -84,3 +84,17 @@ def test_python_dash_m_entry_points(module):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: rlvrw {command} ") and "--config" in proc.stdout
     assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_renamed_functions_keep_their_old_names():
+    """Names that said too little or twice what two things were got new ones; the old stay as the same objects."""
+    from rlvrw.lang import hf_model
+    from rlvrw.lang import train as lang_train
+    from rlvrw.models import tokenizer_train
+    from rlvrw.train import pipeline
+
+    assert lang_train.load_tokenizer is hf_model.load_text_tokenizer  # the video one: models.checkpoints
+    for name in ("merged_copy", "merged_weights", "transformers"):  # the HF helpers moved to lang.hf_model
+        assert getattr(lang_train, name) is getattr(hf_model, name)
+    assert tokenizer_train.evaluate is tokenizer_train.reconstruction_psnr
+    assert pipeline.print_summary is pipeline.print_results  # train.config.print_summary prints a run's JSON

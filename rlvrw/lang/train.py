@@ -55,6 +55,11 @@ from rlvrw.lang.tasks import Task, encode_prompt, encode_response
 from rlvrw.train import grpo as train_grpo
 from rlvrw.usage import UsageError
 
+# Deprecated names, kept for one release: the HF helpers live in rlvrw.lang.hf_model, and the text tokenizer's loader is
+# load_text_tokenizer (rlvrw.models.checkpoints.load_tokenizer loads the video tokenizer).
+from rlvrw.lang.hf_model import merged_copy, merged_weights, transformers  # noqa: E402,F401
+load_tokenizer = load_text_tokenizer
+
 log = logging.getLogger(__name__)
 
 LOG_FILE = "log.jsonl"

@@ -296,8 +296,7 @@ def train_tokenizer_stage(config: PipelineConfig, episodes: Path, run_dir: Path,
     from rlvrw.data.sim import export_frames
     from rlvrw.models.checkpoints import save_tokenizer
     from rlvrw.models.tokenizer import CompressiveTokenizer, FrameTokenizer
-    from rlvrw.models.tokenizer_train import TrainConfig, evaluate as tokenizer_psnr, load_frames, lpips_loss, \
-        train_tokenizer
+    from rlvrw.models.tokenizer_train import TrainConfig, load_frames, lpips_loss, reconstruction_psnr, train_tokenizer
 
     path = run_dir / "tokenizer.safetensors"
     if path.is_file():
@@ -332,8 +331,8 @@ def train_tokenizer_stage(config: PipelineConfig, episodes: Path, run_dir: Path,
     print(f"tokenizer: {data} -> {grids}, {config.tokenizer_steps} steps")
     history = train_tokenizer(model, frames, train_config, perceptual, clips=clips)
     sample = slice(None, None, max(1, len(clips if config.multi_step else frames) // 512))  # of the training data
-    quality = tokenizer_psnr(model, frames, clips[sample]) if config.multi_step else \
-        tokenizer_psnr(model, frames[sample])
+    quality = reconstruction_psnr(model, frames, clips[sample]) if config.multi_step else \
+        reconstruction_psnr(model, frames[sample])
     print(f"tokenizer: PSNR {quality['psnr']:.2f} dB, blur baseline {quality['blur_psnr']:.2f} dB")
     save_tokenizer(model, path, {"train_config": dataclasses.asdict(train_config), "metrics": quality,
                                  "final": history[-1] if history else None})
@@ -472,7 +471,8 @@ def run(config: PipelineConfig, run_dir: str | Path) -> dict:
     return summary
 
 
-def print_summary(summary: dict, run_dir: Path) -> None:
+def print_results(summary: dict, run_dir: Path) -> None:
+    """Print the run's evaluation tables (every model and baseline) and where ``eval.json`` went."""
     rows = {**summary["baselines"], "mle": summary["mle"], "rlvr": summary["rlvr"]}
     rows.update({f"{model} greedy": row for model, row in summary.get("greedy", {}).items()})
     rows.update({f"{model} no-repeat": row for model, row in summary.get("no_repeat", {}).items()})
@@ -494,6 +494,10 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     print(f"wrote {run_dir / RESULT_FILE}")
 
 
+# deprecated: the old name (rlvrw.train.config.print_summary prints a run's JSON summary), kept for one release
+print_summary = print_results
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------------------------------
@@ -512,7 +516,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from err
     usage.output_dir("--run-dir", args.run_dir)
     summary = run(config, args.run_dir)
-    print_summary(summary, Path(args.run_dir))
+    print_results(summary, Path(args.run_dir))
     return 0
 
 
