@@ -8,17 +8,19 @@ step), the same whatever the split over processes and micro-batches.
 Loss and optimization
 ---------------------
 Cross-entropy of the predicted frame tokens (the layout's loss mask), from the final hidden states and the output
-layer through ``ops.linear_token_logprobs``: no (B, T, V) logits, and the output layer runs on the masked positions
-only. Micro-batch losses are sums divided by the global number of loss tokens, so accumulation and data parallelism
-give the gradient of one big batch. AdamW (no weight decay on norms), linear warmup then cosine decay to
-``min_lr_ratio`` of the peak, gradient clipping; bf16 autocast on a GPU (fp32 master weights), fp32 on CPU.
+layer through ``ops.linear_token_logprobs`` (``rlvrw.train.scoring``): no (B, T, V) logits, and the output layer runs
+on the masked positions only. Micro-batch losses are sums divided by the global number of loss tokens, so
+accumulation and data parallelism give the gradient of one big batch. AdamW (no weight decay on norms), linear warmup
+then cosine decay to ``min_lr_ratio`` of the peak, gradient clipping; bf16 autocast on a GPU (fp32 master weights),
+fp32 on CPU.
 
 Runs
 ----
 ``OUT/`` receives ``config.json``, ``metrics.jsonl`` (and ``tensorboard/``), ``checkpoints/step_*`` (see
 ``rlvrw.train.checkpoints``; each one also loads with ``WorldModelTransformer.from_pretrained``) and, at the end,
 ``model/``: the pre-trained world model for the RL stage. A run finds the newest checkpoint in ``OUT/checkpoints`` and
-continues from it; on CPU the continuation is bit-identical to an uninterrupted run.
+continues from it; on CPU the continuation is bit-identical to an uninterrupted run. The loop that does all this is
+``rlvrw.train.run_loop``'s, shared with ``rlvrw rl``.
 
     rlvrw pretrain --data tokens.npz --out runs/pretrain --steps 2000
     torchrun --nproc-per-node 8 -m rlvrw.train.pretrain --data tokens.npz --out runs/wm --model base --parallel ddp

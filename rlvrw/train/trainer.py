@@ -8,9 +8,9 @@ optimizer step:
       ──► ops.frame_reward against the true frames (``reward``: -(L1 + LPIPS) by default, or any metric or weighted
           sum; LPIPS features of the truth computed once per group), each term returned for the logs
       ──► ops.group_advantages: (r - mean_g) / (std_g + eps), unbiased std
-      ──► per micro-batch: reference log-probs (frozen copy, bf16), policy log-probs and entropies
-          (ops.linear_token_logprobs), ops.grpo_loss with the global token count ──► backward
-      ──► gradient clipping ──► AdamW
+      ──► rlvrw.train.grpo.grpo_update, per micro-batch: reference log-probs (frozen copy, bf16), policy log-probs
+          and entropies (rlvrw.train.scoring), ops.grpo_loss with the global token count ──► backward;
+          then gradient clipping ──► AdamW
 
 Defaults are RLVR-World's: G=16, temperature 1, no top-k, reward -(L1 + LPIPS-VGG), clip 0.2, dual clip 3, k3 KL with
 coefficient 1e-3 against the starting model, token-mean, AdamW lr 5e-5 wd 0.01, gradient clipping at 1.
