@@ -1,4 +1,4 @@
-"""MLE pre-training throughput: one whole optimizer step of ``rlvrw.rl.pretrain`` (draw the step's clips from a token
+"""MLE pre-training throughput: one whole optimizer step of ``rlvrw.train.pretrain`` (draw the step's clips from a token
 cache, build the single-step sequences of DESIGN.md's layout, forward + backward of the summed frame-token NLL through
 ``ops.linear_token_logprobs``, gradient clipping, AdamW), as ``rlvrw pretrain`` runs it.
 
@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 import torch
 
+from rlvrw.data import clips as CL
+from rlvrw.data import token_cache as TC
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models import WorldModelConfig, WorldModelTransformer
-from rlvrw.rl import pretrain as P
+from rlvrw.train import build as B
+from rlvrw.train import pretrain as P
 
 LAYOUT = SequenceLayout.single_step()
 CACHE_EPISODES, CACHE_FRAMES = 64, 16
@@ -34,13 +37,13 @@ def _setup(env):
     return WorldModelConfig.small(vocab_size=LAYOUT.vocab_size), 2, 1, "small (CPU)"
 
 
-def _sampler() -> P.ClipSampler:
+def _sampler() -> CL.ClipSampler:
     rng = np.random.default_rng(0)
     frame_ids = rng.integers(0, LAYOUT.codebook_size, (CACHE_EPISODES, CACHE_FRAMES, LAYOUT.frame_tokens))
     action_bins = rng.integers(0, LAYOUT.action_bins, (CACHE_EPISODES, CACHE_FRAMES, LAYOUT.action_dims))
-    cache = P.TokenCache(frame_ids.astype(np.int16), action_bins.astype(np.uint8),
+    cache = TC.TokenCache(frame_ids.astype(np.int16), action_bins.astype(np.uint8),
                          np.full(CACHE_EPISODES, CACHE_FRAMES, dtype=np.int64), codebook_size=LAYOUT.codebook_size)
-    return P.ClipSampler(cache, LAYOUT)
+    return CL.ClipSampler(cache, LAYOUT)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -52,7 +55,7 @@ def test_pretrain_step(bench, bench_env, benchmark, compiled):
     global_batch = micro_batch * accumulation
     sampler = _sampler()
     train = P.PretrainConfig(data="bench", micro_batch_size=micro_batch, grad_accum_steps=accumulation)
-    dtype = P.autocast_dtype("auto", env.device)
+    dtype = B.autocast_dtype("auto", env.device)
     loss_tokens = global_batch * int(LAYOUT.tables().loss_mask.sum())
     tokens = global_batch * (LAYOUT.seq_len - 1)
     shape = f"{label} {global_batch}x{LAYOUT.seq_len - 1} tokens"
@@ -64,8 +67,8 @@ def test_pretrain_step(bench, bench_env, benchmark, compiled):
             for layer in model.model.layers:
                 layer.compile()
         loss_module = P.NextTokenLoss(model, LAYOUT).to(env.device)
-        optimizer = P.make_optimizer(model, train, fused=env.is_cuda)
-        return {"loss": loss_module, "optimizer": optimizer, "scheduler": P.make_scheduler(optimizer, train),
+        optimizer = B.make_optimizer(model, train, fused=env.is_cuda)
+        return {"loss": loss_module, "optimizer": optimizer, "scheduler": B.make_scheduler(optimizer, train),
                 "step": 0}
 
     def step(state):
@@ -75,8 +78,8 @@ def test_pretrain_step(bench, bench_env, benchmark, compiled):
                      train.grad_clip, dtype, world_size=1)
         state["step"] += 1
 
-    flops = global_batch * P.training_flops_per_sequence(model_config, LAYOUT)
-    with P.value_checks_off_on_gpu(env.device):  # as the trainer runs
+    flops = global_batch * B.training_flops_per_sequence(model_config, LAYOUT)
+    with B.value_checks_off_on_gpu(env.device):  # as the trainer runs
         bench.run(op="pretrain_step_compiled" if compiled else "pretrain_step", impl="rlvrw", shape=shape,
                   make_state=make_state, step=step, flops=flops,
                   extra={"tokens": tokens, "precision": str(dtype or torch.float32).replace("torch.", ""),
@@ -85,5 +88,5 @@ def test_pretrain_step(bench, bench_env, benchmark, compiled):
     if benchmark.stats is not None:
         seconds = benchmark.stats.stats.median
         benchmark.extra_info["tokens_per_s"] = tokens / seconds
-        peak = P.peak_flops(env.device)
+        peak = B.peak_flops(env.device)
         benchmark.extra_info["mfu"] = flops / seconds / peak if peak else None

@@ -31,9 +31,9 @@ from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models import LPIPS, FrameTokenizer, WorldModelConfig, WorldModelTransformer
 from rlvrw.reference import peers
 from rlvrw.reference.reward import l1_lpips_reward as reference_reward
-from rlvrw.rl import distributed
-from rlvrw.rl import trainer as T
-from rlvrw.rl.rollout import GroupSampler
+from rlvrw.train import distributed
+from rlvrw.train import trainer as T
+from rlvrw.train.rollout import GroupSampler
 
 IMPLS = ("rlvrw", "eager")
 FULL = dict(layout=SequenceLayout.single_step(), grid=(16, 20), model=WorldModelConfig(), tokenizer={}, prompts=4,

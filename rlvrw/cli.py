@@ -17,11 +17,11 @@ from rlvrw.usage import ArgumentParser, run_command
 SUBCOMMANDS = {
     "data": "rlvrw.data.sim",
     "weights": "rlvrw.models.lpips_weights",
-    "pretrain": "rlvrw.rl.pretrain",
-    "rl": "rlvrw.rl.trainer",
-    "eval": "rlvrw.rl.evaluate",
-    "train": "rlvrw.rl.pipeline",
-    "experiment": "rlvrw.rl.experiment",
+    "pretrain": "rlvrw.train.pretrain",
+    "rl": "rlvrw.train.trainer",
+    "eval": "rlvrw.train.evaluate",
+    "train": "rlvrw.train.pipeline",
+    "experiment": "rlvrw.train.experiment",
     "tokenizer": "rlvrw.models.tokenizer_train",
     "lang": "rlvrw.lang.cli",
 }

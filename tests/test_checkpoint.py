@@ -1,4 +1,4 @@
-"""Training checkpoints (rlvrw.rl.checkpoint): a save/load round trip restores model, optimizer, scheduler and random
+"""Training checkpoints (rlvrw.train.checkpoints): a save/load round trip restores model, optimizer, scheduler and random
 states exactly (the next step after loading equals the next step without saving), the directory loads as a Hugging
 Face model, ``latest_checkpoint`` ignores half-written directories, ``keep_last`` prunes, atomic writes leave the old
 file when the write fails, and bad arguments raise ValueError."""
@@ -15,7 +15,7 @@ import torch
 
 from rlvrw import files
 from rlvrw.models import WorldModelConfig, WorldModelTransformer
-from rlvrw.rl import checkpoint
+from rlvrw.train import checkpoints as checkpoint
 from rlvrw.usage import TrainingStopped, UsageError
 
 TINY = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -281,7 +281,7 @@ def test_pretrain_resumes_past_a_corrupt_checkpoint_bit_identically(tmp_path, ca
 
     from test_pretrain import final_weights, losses, tiny_config
 
-    from rlvrw.rl import pretrain as P
+    from rlvrw.train import pretrain as P
 
     straight = tiny_config(tmp_path, "straight", save_every=1)
     P.pretrain(straight)

@@ -254,7 +254,7 @@ def test_bad_actions_and_missing_arrays_never_reach_the_statistics(dataset_with_
 
 
 def test_training_readers_skip_and_count_a_bad_file(dataset_with_a_bad_file):
-    from rlvrw.rl.pretrain import episode_stream
+    from rlvrw.data.clips import episode_stream
 
     root, bad, _ = dataset_with_a_bad_file
     clips = rt1.EpisodeClips(root, split="all", clip_frames=3)

@@ -1,4 +1,4 @@
-"""Data parallelism (rlvrw.rl.distributed) and pre-training under torchrun on CPU with the gloo backend.
+"""Data parallelism (rlvrw.train.distributed) and pre-training under torchrun on CPU with the gloo backend.
 
 Two processes, each with one micro-batch, train on the same global batch as one process accumulating two
 micro-batches: the losses and the parameters after the steps agree (DDP and FSDP2). The FSDP2 run is interrupted
@@ -18,9 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlvrw.rl import distributed
-from rlvrw.rl import pretrain as P
-from rlvrw.rl.logging import read_metrics
+from rlvrw.data import token_cache as TC
+from rlvrw.train import distributed
+from rlvrw.train import pretrain as P
+from rlvrw.train.logging import read_metrics
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 SETTINGS = dict(context_frames=2, steps=2, micro_batch_size=2, warmup_steps=1, log_every=1, save_every=100,
@@ -33,7 +34,7 @@ def single_process_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     rng = np.random.default_rng(0)
     data = root / "tokens.npz"
-    P.save_token_cache(data, rng.integers(0, 64, (8, 10, 16)), rng.integers(0, 256, (8, 10, 3)), codebook_size=64)
+    TC.save_token_cache(data, rng.integers(0, 64, (8, 10, 16)), rng.integers(0, 256, (8, 10, 3)), codebook_size=64)
     config = P.PretrainConfig(data=str(data), out_dir=str(root / "run"), grad_accum_steps=2, **SETTINGS)
     P.pretrain(config)
     return config
@@ -42,7 +43,7 @@ def single_process_run(tmp_path_factory):
 def torchrun(config_file, *extra_args) -> None:
     """``rlvrw pretrain`` in 2 CPU processes (gloo) under torchrun."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "rlvrw.rl.pretrain", "--config", str(config_file), *extra_args]
+               "-m", "rlvrw.train.pretrain", "--config", str(config_file), *extra_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

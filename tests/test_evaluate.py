@@ -13,8 +13,8 @@ from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models.checkpoints import load_tokenizer, save_tokenizer
 from rlvrw.models.tokenizer import CompressiveTokenizer, FrameTokenizer
 from rlvrw.models.transformer import WorldModelConfig, WorldModelTransformer
-from rlvrw.rl import checkpoint
-from rlvrw.rl.evaluate import METRICS, RESULT_FILE, EvalConfig, evaluate, first_non_repeating, format_table, main
+from rlvrw.train import checkpoints as checkpoint
+from rlvrw.train.evaluate import METRICS, RESULT_FILE, EvalConfig, evaluate, first_non_repeating, format_table, main
 
 CONTEXT = 2
 LEVELS = (3, 3)  # 9 codes: a tiny codebook keeps the model tiny

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlvrw.rl import experiment as E
+from rlvrw.train import experiment as E
 
 ROOT = Path(__file__).resolve().parents[1]
 

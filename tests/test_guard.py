@@ -16,9 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+from rlvrw.data import clips as CL
+from rlvrw.data import token_cache as TC
 from rlvrw.guard import NonFiniteGuard, check_finite_state
-from rlvrw.rl import pretrain as P
-from rlvrw.rl.logging import read_metrics
+from rlvrw.models.transformer import WorldModelTransformer
+from rlvrw.train import build as B
+from rlvrw.train import pretrain as P
+from rlvrw.train.logging import read_metrics
 from rlvrw.usage import TrainingStopped, UsageError
 
 NAN = float("nan")
@@ -122,7 +126,7 @@ def tiny_config(tmp_path, out="run", **overrides) -> P.PretrainConfig:
     data = tmp_path / "tokens.npz"
     if not data.exists():
         rng = np.random.default_rng(0)
-        P.save_token_cache(data, rng.integers(0, 64, (8, 12, 16)), rng.integers(0, 256, (8, 12, 3)),
+        TC.save_token_cache(data, rng.integers(0, 64, (8, 12, 16)), rng.integers(0, 256, (8, 12, 3)),
                            codebook_size=64)
     settings = dict(data=str(data), out_dir=str(tmp_path / out), context_frames=2, steps=3, micro_batch_size=2,
                     grad_accum_steps=2, warmup_steps=1, log_every=1, save_every=1, model_overrides=TINY_MODEL,
@@ -133,9 +137,9 @@ def tiny_config(tmp_path, out="run", **overrides) -> P.PretrainConfig:
 @pytest.fixture
 def nan_model(tmp_path):
     """A starting model with one NaN weight, written as any Hugging Face directory would be (no guard)."""
-    cache = P.load_token_cache(tiny_config(tmp_path).data)
-    layout = P.layout_for_cache(cache, 2, 64, 256)
-    model = P.build_world_model(tiny_config(tmp_path), layout)
+    cache = TC.load_token_cache(tiny_config(tmp_path).data)
+    layout = CL.layout_for_cache(cache, 2, 64, 256)
+    model = B.build_world_model(tiny_config(tmp_path), layout)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = NAN
     model.save_pretrained(tmp_path / "nan_model")
@@ -193,22 +197,22 @@ def test_one_bad_step_is_skipped_and_counted(tmp_path, poisoned_step_2):
     summary = P.pretrain(tiny_config(tmp_path, on_nonfinite="skip"))
     assert summary["step"] == 3 and summary["nonfinite_skipped"] == 1 and np.isfinite(summary["loss"])
     assert [r["nonfinite_skipped"] for r in read_metrics(tmp_path / "run")] == [0, 1, 1]
-    model = P.WorldModelTransformer.from_pretrained(tmp_path / "run" / "model")
+    model = WorldModelTransformer.from_pretrained(tmp_path / "run" / "model")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_train_step_with_a_guard_equals_train_step_without(tmp_path):
     config = tiny_config(tmp_path)
-    cache = P.load_token_cache(config.data)
-    layout = P.layout_for_cache(cache, 2, 64, 256)
-    sampler = P.ClipSampler(cache, layout)
+    cache = TC.load_token_cache(config.data)
+    layout = CL.layout_for_cache(cache, 2, 64, 256)
+    sampler = CL.ClipSampler(cache, layout)
     results = []
     for guard in (None, NonFiniteGuard()):
         torch.manual_seed(0)
-        model = P.build_world_model(config, layout)
+        model = B.build_world_model(config, layout)
         loss = P.NextTokenLoss(model, layout)
-        optimizer = P.make_optimizer(model, config, fused=True)
-        scheduler = P.make_scheduler(optimizer, config)
+        optimizer = B.make_optimizer(model, config, fused=True)
+        scheduler = B.make_scheduler(optimizer, config)
         for step in range(2):
             batches = [sampler.sequences(step, 4, slice(0, 2)), sampler.sequences(step, 4, slice(2, 4))]
             P.train_step(loss, optimizer, scheduler, batches, 4 * 16, 1.0, None, 1, guard, step + 1)

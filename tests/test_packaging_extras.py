@@ -59,7 +59,7 @@ clips = rt1.EpisodeClips({str(DATA / 'video')!r}, split="all", actions=False)
 assert clips[0]["frames"].shape[0] == rt1.SINGLE_STEP_FRAMES  # episodes from files need no simulator
 """),
     "plot": (["matplotlib"], """
-from rlvrw.rl import experiment
+from rlvrw.train import experiment
 try:
     experiment.plot("best_of_n", {}, None)
 except ImportError as exc:
@@ -70,7 +70,7 @@ else:
     "train": (["tensorboard"], """
 import json, tempfile
 from pathlib import Path
-from rlvrw.rl.logging import RunLogger
+from rlvrw.train.logging import RunLogger
 with tempfile.TemporaryDirectory() as d:
     run = RunLogger(d, total_steps=2, progress=False)
     run.log(1, {"loss": 0.5})

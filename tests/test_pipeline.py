@@ -6,7 +6,7 @@ import math
 import pytest
 
 from rlvrw.models import CompressiveTokenizer, checkpoints
-from rlvrw.rl.pipeline import DEFAULT_CONFIG, PRESETS, main, parse_overrides, resolve_config
+from rlvrw.train.pipeline import DEFAULT_CONFIG, PRESETS, main, parse_overrides, resolve_config
 
 DESIGN_KEYS = {"mse", "psnr", "ssim", "lpips", "repetition_rate"}
 
@@ -30,7 +30,7 @@ def test_multistep_preset_is_compressive_with_its_clip():
 
 def test_yaml_config_file(tmp_path):
     pytest.importorskip("yaml")
-    from rlvrw.rl.pipeline import read_config_file
+    from rlvrw.train.pipeline import read_config_file
 
     path = tmp_path / "settings.yaml"
     path.write_text("rl_steps: 9\ntokenizer_channels: [16, 32]\n")

@@ -1,4 +1,4 @@
-"""MLE pre-training (rlvrw.rl.pretrain) on small random token caches and a tiny model:
+"""MLE pre-training (rlvrw.train.pretrain) on small random token caches and a tiny model:
 
 * resuming from a checkpoint halfway gives bit-identical parameters and losses to an uninterrupted run;
 * gradient accumulation equals one big batch;
@@ -20,10 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlvrw.data import clips as CL
+from rlvrw.data import token_cache as TC
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models import WorldModelConfig, WorldModelTransformer
-from rlvrw.rl import pretrain as P
-from rlvrw.rl.logging import RunLogger, read_metrics
+from rlvrw.train import build as B
+from rlvrw.train import tokenize as TK
+from rlvrw.train import pretrain as P
+from rlvrw.train.logging import RunLogger, read_metrics
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 CODEBOOK, FRAME_TOKENS, ACTION_DIMS = 64, 16, 3
@@ -35,7 +39,7 @@ def write_cache(path, episodes=8, frames=12, seed=0, full_length=False, **extra)
     frame_ids = rng.integers(0, CODEBOOK, (episodes, frames, FRAME_TOKENS))
     action_bins = rng.integers(0, 256, (episodes, frames, ACTION_DIMS))
     lengths = None if full_length else rng.integers(5, frames + 1, episodes)
-    P.save_token_cache(path, frame_ids, action_bins, episode_lengths=lengths, codebook_size=CODEBOOK, **extra)
+    TC.save_token_cache(path, frame_ids, action_bins, episode_lengths=lengths, codebook_size=CODEBOOK, **extra)
     return path
 
 
@@ -109,7 +113,7 @@ def test_loss_is_cross_entropy_of_frame_tokens(tmp_path):
 
 def test_flops_count_the_head_on_loss_tokens_only():
     layout = SequenceLayout.single_step()
-    flops = P.training_flops_per_sequence(WorldModelConfig(vocab_size=layout.vocab_size), layout)
+    flops = B.training_flops_per_sequence(WorldModelConfig(vocab_size=layout.vocab_size), layout)
     tokens, loss_tokens, width = layout.seq_len - 1, 320, 768
     per_layer = 4 * width * width + 3 * width * 3072  # q k v o, gate up down
     expected = (6 * 12 * per_layer * tokens + 6 * width * layout.vocab_size * loss_tokens
@@ -122,7 +126,7 @@ def test_cache_round_trip_uses_narrow_dtypes(tmp_path):
     path = write_cache(tmp_path / "c.npz")
     with np.load(path) as raw:
         assert raw["frame_ids"].dtype == np.int16 and raw["action_bins"].dtype == np.uint8
-    cache = P.load_token_cache(path)
+    cache = TC.load_token_cache(path)
     rng = np.random.default_rng(0)
     np.testing.assert_array_equal(cache.frame_ids, rng.integers(0, CODEBOOK, (8, 12, FRAME_TOKENS)))
     assert cache.codebook_size == CODEBOOK and cache.episode_lengths.dtype == np.int64
@@ -133,20 +137,20 @@ def test_cache_directory_skips_bad_files_and_pads(tmp_path, caplog):
     write_cache(tmp_path / "b.npz", episodes=3, frames=9, seed=2)
     (tmp_path / "c.npz").write_bytes(b"not a zip")
     np.savez(tmp_path / "d.npz", frame_ids=np.zeros((1, 6, 4), np.int16), action_bins=np.zeros((1, 6, 3), np.uint8))
-    cache = P.load_token_cache(tmp_path)
+    cache = TC.load_token_cache(tmp_path)
     assert cache.frame_ids.shape == (5, 9, FRAME_TOKENS)
     assert [p.rsplit("/", 1)[-1] for p in cache.skipped_files] == ["c.npz", "d.npz"]
     assert "2 skipped so far" in caplog.text
     assert (cache.frame_ids[:2, 6:] == 0).all() and cache.episode_lengths[:2].max() <= 6
     with pytest.raises(ValueError, match="no usable"):
-        P.load_token_cache(tmp_path / "c.npz")
+        TC.load_token_cache(tmp_path / "c.npz")
 
 
 def test_sampler_is_a_function_of_seed_and_step(tmp_path):
-    cache = P.load_token_cache(write_cache(tmp_path / "c.npz"))
-    layout = P.layout_for_cache(cache, context_frames=2, codebook_size=999, action_bins=256)
+    cache = TC.load_token_cache(write_cache(tmp_path / "c.npz"))
+    layout = CL.layout_for_cache(cache, context_frames=2, codebook_size=999, action_bins=256)
     assert layout.codebook_size == CODEBOOK  # the cache's own wins
-    sampler = P.ClipSampler(cache, layout, frame_skip=2, seed=3)
+    sampler = CL.ClipSampler(cache, layout, frame_skip=2, seed=3)
     batch = sampler.sequences(5, 6, slice(0, 6))
     assert torch.equal(batch, sampler.sequences(5, 6, slice(0, 6)))
     assert torch.equal(batch[2:4], sampler.sequences(5, 6, slice(2, 4)))
@@ -163,16 +167,16 @@ def test_multi_step_cache_rows_are_clips(tmp_path):
     rng = np.random.default_rng(0)
     path = write_cache(tmp_path / "m.npz", episodes=4, frames=4, full_length=True,
                        context_ids=rng.integers(0, CODEBOOK, (4, 10)))
-    cache = P.load_token_cache(path)
-    layout = P.layout_for_cache(cache, context_frames=1, codebook_size=CODEBOOK, action_bins=256)
+    cache = TC.load_token_cache(path)
+    layout = CL.layout_for_cache(cache, context_frames=1, codebook_size=CODEBOOK, action_bins=256)
     assert (layout.mode, layout.context_tokens, layout.predicted_frames) == ("multi_step", 10, 3)
-    sampler = P.ClipSampler(cache, layout)
+    sampler = CL.ClipSampler(cache, layout)
     episodes, starts = sampler.clips(0, 3)
     assert (starts == 0).all()
     ids = sampler.sequences(0, 3, slice(0, 3))
     np.testing.assert_array_equal(ids[:, :10].numpy() - CODEBOOK, cache.context_ids[episodes])
     with pytest.raises(ValueError, match="frame_skip"):
-        P.ClipSampler(cache, layout, frame_skip=2)
+        CL.ClipSampler(cache, layout, frame_skip=2)
 
 
 class PoolingTokenizer:
@@ -193,20 +197,20 @@ def test_tokenize_episodes(tmp_path, caplog):
         (rng.integers(0, 256, (3, 16, 16, 3)).astype(np.float32), rng.integers(0, 256, (3, ACTION_DIMS))),  # bad
         (torch.from_numpy(rng.integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)), rng.integers(0, 256, (7, 3))),
     ]
-    summary = P.tokenize_episodes(PoolingTokenizer(), episodes, tmp_path / "t.npz", frames_per_batch=2,
+    summary = TK.tokenize_episodes(PoolingTokenizer(), episodes, tmp_path / "t.npz", frames_per_batch=2,
                                   progress=False)
     assert summary == {"episodes": 2, "frames": 12, "skipped": 1, "path": str(tmp_path / "t.npz")}
     assert "skipping episode 1" in caplog.text
-    cache = P.load_token_cache(tmp_path / "t.npz")
+    cache = TC.load_token_cache(tmp_path / "t.npz")
     assert cache.frame_ids.shape == (2, 7, 16) and cache.codebook_size == CODEBOOK
     assert cache.episode_lengths.tolist() == [5, 7]
     frames = torch.from_numpy(episodes[0][0]).permute(0, 3, 1, 2).float() / 255
     np.testing.assert_array_equal(cache.frame_ids[0, :5], PoolingTokenizer().encode(frames).flatten(1).numpy())
     np.testing.assert_array_equal(cache.action_bins[1, :7], episodes[2][1])
     with pytest.raises(ValueError, match="no usable episode"):
-        P.tokenize_episodes(PoolingTokenizer(), episodes[1:2], tmp_path / "u.npz", progress=False)
+        TK.tokenize_episodes(PoolingTokenizer(), episodes[1:2], tmp_path / "u.npz", progress=False)
     with pytest.raises(ValueError, match="encode"):
-        P.tokenize_episodes(object(), episodes, tmp_path / "u.npz")
+        TK.tokenize_episodes(object(), episodes, tmp_path / "u.npz")
 
 
 def test_command_line_from_episode_files(tmp_path):
@@ -233,7 +237,7 @@ def test_command_line_from_episode_files(tmp_path):
         "--no-progress", "--tensorboard", "off", "--action-bins", "8",
     ])
     assert args.func(args) == 0
-    cache = P.load_token_cache(tmp_path / "run" / "tokens.npz")
+    cache = TC.load_token_cache(tmp_path / "run" / "tokens.npz")
     assert cache.frame_ids.shape == (2, 6, 64) and cache.codebook_size == 16  # ep000 is the test split
     assert cache.action_bins.min() == 0 and cache.action_bins.max() == 7  # the actions are binned as asked
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -258,10 +262,10 @@ def tiny_compressive_tokenizer():
 
 
 def test_clip_times():
-    np.testing.assert_array_equal(P.clip_times(9, 3, frame_skip=2, stride=3), [[0, 2, 4], [3, 5, 7]])
-    np.testing.assert_array_equal(P.clip_times(4, 4), [[0, 1, 2, 3]])
+    np.testing.assert_array_equal(CL.clip_times(9, 3, frame_skip=2, stride=3), [[0, 2, 4], [3, 5, 7]])
+    np.testing.assert_array_equal(CL.clip_times(4, 4), [[0, 1, 2, 3]])
     with pytest.raises(ValueError, match="fewer than the 7"):
-        P.clip_times(6, 4, frame_skip=2)
+        CL.clip_times(6, 4, frame_skip=2)
 
 
 def test_tokenize_clips(tmp_path, caplog):
@@ -271,11 +275,11 @@ def test_tokenize_clips(tmp_path, caplog):
     rng = np.random.default_rng(0)
     episodes = [(rng.integers(0, 256, (length, 16, 16, 3), dtype=np.uint8), rng.integers(0, 256, (length, 2)))
                 for length in (9, 3, 12)]
-    summary = P.tokenize_clips(tokenizer, episodes, tmp_path / "m.npz", context_frames=1, predicted_frames=2,
+    summary = TK.tokenize_clips(tokenizer, episodes, tmp_path / "m.npz", context_frames=1, predicted_frames=2,
                                progress=False)
     assert summary == {"episodes": 2, "clips": 5, "skipped": 1, "path": str(tmp_path / "m.npz")}
     assert "skipping episode 1" in caplog.text and "fewer than the 4" in caplog.text
-    cache = P.load_token_cache(tmp_path / "m.npz")
+    cache = TC.load_token_cache(tmp_path / "m.npz")
     assert cache.context_ids.shape == (5, 64) and cache.frame_ids.shape == (5, 3, 4)
     assert cache.action_bins.shape == (5, 3, 2) and cache.codebook_size == 9
     assert cache.episode_lengths.tolist() == [3] * 5
@@ -287,19 +291,19 @@ def test_tokenize_clips(tmp_path, caplog):
     np.testing.assert_array_equal(cache.frame_ids[:2], future_ids.flatten(2).numpy())
     np.testing.assert_array_equal(cache.action_bins[:2], episodes[0][1][future.numpy()])
     np.testing.assert_array_equal(cache.action_bins[4], episodes[2][1][[9, 10, 11]])
-    layout = P.layout_for_cache(cache, context_frames=1, codebook_size=9, action_bins=256)
+    layout = CL.layout_for_cache(cache, context_frames=1, codebook_size=9, action_bins=256)
     assert (layout.mode, layout.context_tokens, layout.frame_tokens, layout.predicted_frames) == \
         ("multi_step", 64, 4, 2)
 
-    overlapping = P.tokenize_clips(tokenizer, episodes[:1], tmp_path / "o.npz", context_frames=1,
+    overlapping = TK.tokenize_clips(tokenizer, episodes[:1], tmp_path / "o.npz", context_frames=1,
                                    predicted_frames=2, frame_skip=2, clip_stride=1, progress=False)
     assert overlapping["clips"] == 3  # starts 0, 1, 2: frames s, s+2, s+4, s+6 of 9
     with pytest.raises(ValueError, match="tokenizer must be a CompressiveTokenizer"):
-        P.tokenize_clips(PoolingTokenizer(), episodes, tmp_path / "x.npz", context_frames=1, predicted_frames=2)
+        TK.tokenize_clips(PoolingTokenizer(), episodes, tmp_path / "x.npz", context_frames=1, predicted_frames=2)
     with pytest.raises(ValueError, match="predicted_frames"):
-        P.tokenize_clips(tokenizer, episodes, tmp_path / "x.npz", context_frames=1, predicted_frames=0)
+        TK.tokenize_clips(tokenizer, episodes, tmp_path / "x.npz", context_frames=1, predicted_frames=0)
     with pytest.raises(ValueError, match="no usable episode"):
-        P.tokenize_clips(tokenizer, episodes[1:2], tmp_path / "x.npz", context_frames=1, predicted_frames=2,
+        TK.tokenize_clips(tokenizer, episodes[1:2], tmp_path / "x.npz", context_frames=1, predicted_frames=2,
                          progress=False)
 
 
@@ -328,12 +332,12 @@ def test_command_line_writes_a_multi_step_cache_from_episode_files(tmp_path, cap
     ]) == 0
     assert "skipping episode file (1 skipped so far)" in caplog.text  # ep999, by the episode reader
     assert "tokenized 2 clips of 2 episodes (1 skipped)" in caplog.text  # ep003, by tokenize_clips
-    cache = P.load_token_cache(tmp_path / "run" / "tokens.npz")
+    cache = TC.load_token_cache(tmp_path / "run" / "tokens.npz")
     assert cache.context_ids.shape == (2, 64) and cache.frame_ids.shape == (2, 3, 4)
-    train = list(P.episode_stream(episode_dir, action_bins=8))  # ep001, ep002 (ep003 too short for a clip)
+    train = list(CL.episode_stream(episode_dir, action_bins=8))  # ep001, ep002 (ep003 too short for a clip)
     for row in range(2):  # context frame 0, layout frames 2, 4, 6 and the actions taken there
         np.testing.assert_array_equal(cache.action_bins[row], train[row][1][[2, 4, 6]])
-    layout = P.layout_for_cache(cache, context_frames=1, codebook_size=9, action_bins=8)
+    layout = CL.layout_for_cache(cache, context_frames=1, codebook_size=9, action_bins=8)
     model = WorldModelTransformer.from_pretrained(tmp_path / "run" / "model")
     assert model.config.vocab_size == layout.vocab_size == 2 * 9 + 8 + 2
     assert read_metrics(tmp_path / "run")[-1]["step"] == 2
@@ -393,15 +397,15 @@ def test_data_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         P.PretrainConfig.from_dict({"data": "x", "batch": 3})
     with pytest.raises(ValueError, match="path must be a token cache"):
-        P.load_token_cache(tmp_path / "missing.npz")
+        TC.load_token_cache(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="action_bins must be"):
-        P.save_token_cache(tmp_path / "x.npz", np.zeros((2, 3, 4), int), np.zeros((2, 4, 1), int))
+        TC.save_token_cache(tmp_path / "x.npz", np.zeros((2, 3, 4), int), np.zeros((2, 4, 1), int))
     with pytest.raises(ValueError, match="codebook_size"):
-        P.save_token_cache(tmp_path / "x.npz", np.full((1, 3, 4), 9), np.zeros((1, 3, 1), int), codebook_size=9)
-    cache = P.load_token_cache(write_cache(tmp_path / "c.npz", frames=5))
-    layout = P.layout_for_cache(cache, context_frames=2, codebook_size=CODEBOOK, action_bins=256)
+        TC.save_token_cache(tmp_path / "x.npz", np.full((1, 3, 4), 9), np.zeros((1, 3, 1), int), codebook_size=9)
+    cache = TC.load_token_cache(write_cache(tmp_path / "c.npz", frames=5))
+    layout = CL.layout_for_cache(cache, context_frames=2, codebook_size=CODEBOOK, action_bins=256)
     with pytest.raises(ValueError, match="no episode"):
-        P.ClipSampler(cache, layout, frame_skip=3)
+        CL.ClipSampler(cache, layout, frame_skip=3)
     small = SequenceLayout.single_step(FRAME_TOKENS, 2, ACTION_DIMS, 256, codebook_size=8)
     with pytest.raises(ValueError, match="frame_ids holds ids"):
-        P.ClipSampler(cache, small)
+        CL.ClipSampler(cache, small)

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from rlvrw.data import token_cache as TC
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models import FrameTokenizer, WorldModelConfig, WorldModelTransformer
 from rlvrw.models.checkpoints import save_tokenizer
-from rlvrw.rl import distributed
-from rlvrw.rl import pretrain as P
-from rlvrw.rl import trainer as T
-from rlvrw.rl.logging import read_metrics
-from rlvrw.rl.pipeline import resolve_config
+from rlvrw.train import distributed
+from rlvrw.train import pretrain as P
+from rlvrw.train import trainer as T
+from rlvrw.train.logging import read_metrics
+from rlvrw.train.pipeline import resolve_config
 
 CODEBOOK, FRAME_TOKENS, ACTION_DIMS, ACTION_BINS = 16, 16, 3, 8
 LAYOUT = SequenceLayout.single_step(FRAME_TOKENS, context_frames=2, action_dims=ACTION_DIMS, action_bins=ACTION_BINS,
@@ -53,7 +54,7 @@ def test_a_pixel_reward_logs_its_own_terms():
 
 def test_rl_run_with_ssim_reward_loads_no_lpips(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
-    P.save_token_cache(tmp_path / "tokens.npz", rng.integers(0, CODEBOOK, (4, 6, FRAME_TOKENS)),
+    TC.save_token_cache(tmp_path / "tokens.npz", rng.integers(0, CODEBOOK, (4, 6, FRAME_TOKENS)),
                        rng.integers(0, ACTION_BINS, (4, 6, ACTION_DIMS)), codebook_size=CODEBOOK)
     save_tokenizer(tiny_tokenizer(), tmp_path / "tokenizer.safetensors")
 

@@ -1,4 +1,4 @@
-"""GRPO post-training (rlvrw.rl.trainer) with a tiny world model, a tiny frame tokenizer and random-weight LPIPS:
+"""GRPO post-training (rlvrw.train.trainer) with a tiny world model, a tiny frame tokenizer and random-weight LPIPS:
 
 * an update lowers the GRPO loss of its (fixed) batch, and uneven micro-batches give the one-batch update;
 * on a toy reward (frame tokens equal to 0) the reward rises over a few steps;
@@ -23,13 +23,14 @@ import torch
 from safetensors.torch import load_file
 
 import rlvrw.ops as ops
+from rlvrw.data import token_cache as TC
 from rlvrw.data.sequences import LayoutTables, SequenceLayout
 from rlvrw.models import LPIPS, CompressiveTokenizer, FrameTokenizer, WorldModelConfig, WorldModelTransformer
 from rlvrw.models.checkpoints import save_tokenizer
-from rlvrw.rl import distributed
-from rlvrw.rl import pretrain as P
-from rlvrw.rl import trainer as T
-from rlvrw.rl.logging import read_metrics
+from rlvrw.train import distributed
+from rlvrw.train import pretrain as P
+from rlvrw.train import trainer as T
+from rlvrw.train.logging import read_metrics
 
 CODEBOOK, FRAME_TOKENS, ACTION_DIMS, ACTION_BINS = 16, 16, 3, 8
 LAYOUT = SequenceLayout.single_step(FRAME_TOKENS, context_frames=2, action_dims=ACTION_DIMS, action_bins=ACTION_BINS,
@@ -52,7 +53,7 @@ def files(tmp_path_factory):
     """A token cache (8 episodes of 8 frames) and a tokenizer checkpoint."""
     root = tmp_path_factory.mktemp("rl_files")
     rng = np.random.default_rng(0)
-    P.save_token_cache(root / "tokens.npz", rng.integers(0, CODEBOOK, (8, 8, FRAME_TOKENS)),
+    TC.save_token_cache(root / "tokens.npz", rng.integers(0, CODEBOOK, (8, 8, FRAME_TOKENS)),
                        rng.integers(0, ACTION_BINS, (8, 8, ACTION_DIMS)), codebook_size=CODEBOOK)
     save_tokenizer(tiny_tokenizer(), root / "tokenizer.safetensors")
     return {"data": str(root / "tokens.npz"), "tokenizer": str(root / "tokenizer.safetensors")}
@@ -238,7 +239,7 @@ def test_two_gloo_processes_match_one_process(files, tmp_path):
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(settings))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "rlvrw.rl.trainer", "--config", str(config_file)]
+               "-m", "rlvrw.train.trainer", "--config", str(config_file)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -257,9 +258,9 @@ def test_two_gloo_processes_match_one_process(files, tmp_path):
 # ---- errors ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, match", [
     (dict(group_size=0), "group_size must be a positive int"),
-    (dict(temperature=0.0), "temperature must be a number > 0"),
+    (dict(temperature=0.0), "temperature must be a finite number > 0"),
     (dict(top_k=-1), "top_k must be an int >= 0"),
-    (dict(kl_coef=-1.0), "kl_coef must be a number >= 0"),
+    (dict(kl_coef=-1.0), "kl_coef must be a finite number >= 0"),
     (dict(clip_low=1.5), "clip_low"),
     (dict(kl_type="k9"), "kl_type must be one of"),
     (dict(old_logp="vllm"), "old_logp must be one of"),

@@ -1,4 +1,4 @@
-"""The group sampler (rlvrw.rl.rollout) on a tiny world model:
+"""The group sampler (rlvrw.train.rollout) on a tiny world model:
 
 * one prefill per prompt, shared by its group (prefill calls and rows counted);
 * sampled tokens lie in the legal range of their position; copied positions (EOS, the injected true actions of a
@@ -17,9 +17,9 @@ import torch
 
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models import WorldModelConfig, WorldModelTransformer
-from rlvrw.rl import rollout as R
-from rlvrw.rl.pretrain import value_checks_off_on_gpu
-from rlvrw.rl.trainer import SampledTokenLogprobs
+from rlvrw.train import rollout as R
+from rlvrw.train.build import value_checks_off_on_gpu
+from rlvrw.train.trainer import SampledTokenLogprobs
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64)

@@ -11,8 +11,8 @@ from conftest import EXAMPLE_DATA
 from rlvrw import ops
 from rlvrw.models import CompressiveTokenizer, FrameTokenizer, checkpoints
 from rlvrw.models.tokenizer import decoder_frames_per_batch
-from rlvrw.models.tokenizer_train import TrainConfig, clamp_where_saturated, evaluate, load_frames, train_tokenizer, \
-    unstable_code_loss
+from rlvrw.models.tokenizer_train import TrainConfig, clamp_where_saturated, load_frames, reconstruction_psnr, \
+    train_tokenizer, unstable_code_loss
 
 BAIR = EXAMPLE_DATA / "video" / "bair_sample.npz"
 SMALL = dict(channels=(32, 64, 64), num_groups=16, latent_channels=16)  # 64x64 frames -> 16x16 ids
@@ -360,7 +360,7 @@ def test_overfits_a_handful_of_real_frames():
         model = FrameTokenizer(channels=(16, 32, 32), layers_per_block=1, num_groups=8, latent_channels=16)
         config = TrainConfig(steps=300, batch_size=4, lr=3e-3, warmup_steps=20, log_every=300)
         history = train_tokenizer(model, frames, config, log=None)
-        result = evaluate(model, frames)
+        result = reconstruction_psnr(model, frames)
     finally:
         torch.set_num_threads(threads)
     assert history[-1]["seconds"] < 60
@@ -380,7 +380,7 @@ def test_compressive_tokenizer_learns_real_clips():
                                      latent_channels=16, patch_size=4, attention_max_side=8)
         config = TrainConfig(steps=200, batch_size=2, lr=3e-3, warmup_steps=20, future_frames=3, log_every=200)
         history = train_tokenizer(model, frames, config, log=None, clips=clips)
-        result = evaluate(model, frames, clips)
+        result = reconstruction_psnr(model, frames, clips)
     finally:
         torch.set_num_threads(threads)
     assert history[-1]["seconds"] < 60

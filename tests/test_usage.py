@@ -29,13 +29,14 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     """Good inputs (a token cache, episodes, a tokenizer, frames) and bad ones (an empty file and directory, a plain
     file where a directory belongs, paths that do not exist), for the flags to point at."""
     from rlvrw.data import rt1
+    from rlvrw.data import token_cache as TC
     from rlvrw.models.checkpoints import save_tokenizer
     from rlvrw.models.tokenizer import FrameTokenizer
-    from rlvrw.rl import pretrain as P
+    from rlvrw.train import pretrain as P
 
     root = tmp_path_factory.mktemp("usage")
     rng = np.random.default_rng(0)
-    P.save_token_cache(root / "tokens.npz", rng.integers(0, 16, (4, 8, 16)), rng.integers(0, 8, (4, 8, 2)),
+    TC.save_token_cache(root / "tokens.npz", rng.integers(0, 16, (4, 8, 16)), rng.integers(0, 8, (4, 8, 2)),
                        codebook_size=16)
     for i in range(3):
         rt1.save_episode(root / "episodes" / f"ep{i}.npz", rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8),
@@ -353,12 +354,12 @@ def test_check_types_accepts_good_values():
 
 
 @pytest.mark.parametrize("module, cls, values", [
-    ("rlvrw.rl.pretrain", "PretrainConfig", {"data": "x", "lr": float("inf")}),
-    ("rlvrw.rl.pretrain", "PretrainConfig", {"data": "x", "resume": "no"}),
-    ("rlvrw.rl.trainer", "RLConfig", {"lr": float("nan")}),
-    ("rlvrw.rl.trainer", "RLConfig", {"betas": 5}),
-    ("rlvrw.rl.evaluate", "EvalConfig", {"temperature": float("inf")}),
-    ("rlvrw.rl.pipeline", "PipelineConfig", {"rl_lr": float("inf")}),
+    ("rlvrw.train.pretrain", "PretrainConfig", {"data": "x", "lr": float("inf")}),
+    ("rlvrw.train.pretrain", "PretrainConfig", {"data": "x", "resume": "no"}),
+    ("rlvrw.train.trainer", "RLConfig", {"lr": float("nan")}),
+    ("rlvrw.train.trainer", "RLConfig", {"betas": 5}),
+    ("rlvrw.train.evaluate", "EvalConfig", {"temperature": float("inf")}),
+    ("rlvrw.train.pipeline", "PipelineConfig", {"rl_lr": float("inf")}),
     ("rlvrw.models.tokenizer_train", "TrainConfig", {"lr": float("inf")}),
     ("rlvrw.models.tokenizer_train", "TrainConfig", {"on_nonfinite": "ignore"}),
 ])

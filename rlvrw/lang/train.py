@@ -52,7 +52,13 @@ from rlvrw.lang.hf_model import (
     trainable_parameters,
 )
 from rlvrw.lang.tasks import Task, encode_prompt, encode_response
+from rlvrw.train import grpo as train_grpo
 from rlvrw.usage import UsageError
+
+# Deprecated names, kept for one release: the HF helpers live in rlvrw.lang.hf_model, and the text tokenizer's loader is
+# load_text_tokenizer (rlvrw.models.checkpoints.load_tokenizer loads the video tokenizer).
+from rlvrw.lang.hf_model import merged_copy, merged_weights, transformers  # noqa: E402,F401
+load_tokenizer = load_text_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -291,31 +297,28 @@ def grpo_batch_loss(policy, batch: TokenBatch, advantages, old_logp, ref_logp, *
 def grpo_update(policy, optimizer, batch: TokenBatch, advantages: torch.Tensor, ref_logp: torch.Tensor | None, *,
                 micro_batch_size: int, max_grad_norm: float, temperature: float = 1.0,
                 guard: NonFiniteGuard | None = None, step: int | None = None, **loss_options) -> dict:
-    """One optimizer step of GRPO on a batch of rollouts, in micro-batches, token-mean over the whole batch (through
-    ``guard`` when given).
+    """One optimizer step of GRPO on a batch of rollouts: ``rlvrw.train.grpo.grpo_update`` (the video trainer's),
+    in micro-batches with the padding columns cut off, token-mean over the whole batch, on-policy (one step per
+    rollout batch), through ``guard`` when given.
 
-    Returns the loss and its parts summed over micro-batches, the old log-probs used (B, R) and the gradient norm.
+    Returns the loss and its parts summed over micro-batches, the clip fractions and approximate KL, the gradient
+    norm (floats: read once, here) and the old log-probs used (B, R).
     """
-    n = batch.input_ids.shape[0]
-    num_tokens = batch.response_mask.sum()
     old_logp = torch.zeros_like(batch.response_mask)
-    optimizer.zero_grad(set_to_none=True)
-    sums = {key: torch.zeros((), device=old_logp.device) for key in ("loss", "pg_loss", "kl")}
-    for start, stop in _row_slices(n, micro_batch_size):
-        micro = batch.rows(start, stop)
+
+    def score(part: slice) -> train_grpo.ScoredRows:
+        micro = batch.rows(part.start, part.stop)
         width = micro.response_ids.shape[1]
-        ref = ref_logp[start:stop, :width] if ref_logp is not None else None
-        loss, stats, logp = grpo_batch_loss(policy, micro, advantages[start:stop], None, ref, temperature=temperature,
-                                            num_tokens=num_tokens, **loss_options)
-        loss.backward()
-        old_logp[start:stop, :width] = logp.detach()
-        for key, value in (("loss", loss.detach()), ("pg_loss", stats["pg_loss"]), ("kl", stats["kl"])):
-            sums[key] += value
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(policy), max_grad_norm)
-    _optimizer_step(optimizer, guard, step, loss=sums["loss"], pg_loss=sums["pg_loss"], kl=sums["kl"],
-                    grad_norm=grad_norm)
-    return {**{key: float(value) for key, value in sums.items()}, "grad_norm": float(grad_norm),
-            "old_logp": old_logp}
+        logp = response_logprobs(policy, micro, temperature)
+        old_logp[part, :width] = logp.detach()
+        ref = ref_logp[part, :width] if ref_logp is not None else None
+        return train_grpo.ScoredRows(logp, None, micro.response_mask, ref)
+
+    sums = train_grpo.grpo_update(score, batch.input_ids.shape[0], micro_batch_size, advantages, optimizer,
+                                  trainable_parameters(policy), num_tokens=batch.response_mask.sum(),
+                                  grad_clip=max_grad_norm, guard=guard, step=step, **loss_options)
+    values = torch.stack(list(sums.values())).tolist()  # one read of the device
+    return {**dict(zip(sums, values)), "old_logp": old_logp}
 
 
 # ------------------------------------------------------------------------------------------------------ the runs

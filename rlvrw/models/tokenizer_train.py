@@ -140,8 +140,8 @@ def reconstruct(model: FrameTokenizer, frames: torch.Tensor, batch_size: int = 1
     return torch.cat(out)
 
 
-def evaluate(model: FrameTokenizer | CompressiveTokenizer, frames: torch.Tensor,
-             clips: torch.Tensor | None = None) -> dict:
+def reconstruction_psnr(model: FrameTokenizer | CompressiveTokenizer, frames: torch.Tensor,
+                        clips: torch.Tensor | None = None) -> dict:
     """Mean PSNR (dB) of the round trip through ids and of the blur baseline, on uint8 frames (N, 3, H, W).
 
     A ``CompressiveTokenizer`` is scored on ``clips`` (n, 1 + F) indices into ``frames``: ``psnr`` and
@@ -174,6 +174,8 @@ def evaluate(model: FrameTokenizer | CompressiveTokenizer, frames: torch.Tensor,
         quality["clips"] = int(clips.shape[0])
     model.train(was_training)
     return quality
+
+evaluate = reconstruction_psnr  # deprecated: the old name, kept for one release
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def train_tokenizer(model: FrameTokenizer | CompressiveTokenizer, frames: torch.
                     log: Callable[[str], None] | None = print, clips: torch.Tensor | None = None) -> list[dict]:
     """Train ``model`` in place on uint8 ``frames`` (N, 3, H, W) (kept on the host, batches moved to the model's
     device). A ``CompressiveTokenizer`` needs ``clips``: (n, 1 + F) indices into ``frames``, the context frame first
-    (``rlvrw.rl.pretrain.clip_times`` cuts them per episode). Returns the logged history (step, lr, losses,
+    (``rlvrw.data.clips.clip_times`` cuts them per episode). Returns the logged history (step, lr, losses,
     seconds)."""
     config = config or TrainConfig()
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
@@ -458,9 +460,9 @@ def run_cli(args) -> int:
           + (f" + {config.gan_weight} GAN from step {config.gan_start}" if config.gan_weight else ""))
     history = train_tokenizer(model, train_frames, config, perceptual)
 
-    metrics = {"train": evaluate(model, train_frames)}
+    metrics = {"train": reconstruction_psnr(model, train_frames)}
     if args.eval_frames:
-        metrics["held_out"] = evaluate(model, eval_frames)
+        metrics["held_out"] = reconstruction_psnr(model, eval_frames)
     for name, m in metrics.items():
         print(f"PSNR {name} ({m['frames']} frames): tokenizer {m['psnr']:.2f} dB, "
               f"blur baseline {m['blur_psnr']:.2f} dB ({m['psnr'] - m['blur_psnr']:+.2f} dB)")

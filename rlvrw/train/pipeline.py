@@ -10,20 +10,20 @@ Stages, each a call into the module that owns it, each reusing what an earlier r
    LPIPS) -> ``DIR/tokenizer.safetensors`` (skipped when that file exists). With ``tokenizer_kind=compressive``,
    iVideoGPT's ``CompressiveTokenizer`` trained on the training split's clips instead, and every later stage is
    multi-step: ``predicted_frames`` frames predicted per clip after the context frame and C prompt frames.
-3. pretrain: the training split tokenized once, then MLE pre-training of the world model (``rlvrw.rl.pretrain``)
+3. pretrain: the training split tokenized once, then MLE pre-training of the world model (``rlvrw.train.pretrain``)
    -> ``DIR/pretrain/model`` (resumes from ``DIR/pretrain/checkpoints``).
-4. eval (MLE): next-frame metrics on the held-out episodes (``rlvrw.rl.evaluate``) -> ``DIR/eval_mle/``, sampled as
+4. eval (MLE): next-frame metrics on the held-out episodes (``rlvrw.train.evaluate``) -> ``DIR/eval_mle/``, sampled as
    the reference samples; with ``eval_greedy``, also greedy (the most likely token at every step) ->
    ``DIR/eval_mle_greedy/``.
 5. rl: GRPO post-training from the MLE model with ``reward`` (``ops.frame_reward``'s metric; default -(L1 + LPIPS))
-   (``rlvrw.rl.trainer``) -> ``DIR/rl/model``.
+   (``rlvrw.train.trainer``) -> ``DIR/rl/model``.
 6. eval (RLVR): the same evaluations, same clips and sampling seed -> ``DIR/eval_rlvr/`` (and ``_greedy``).
 
 Then ``DIR/eval.json`` (DESIGN.md's contract): ``{"mle": {"mse", "psnr", "ssim", "lpips", "repetition_rate", "l1"},
 "rlvr": {same}, "baselines": {"copy_last", "copy_last_tokens", "tokenizer"}, "best_of_n": {"mle", "rlvr"},
 "mean_of_n": {"mle", "rlvr"}, "greedy": {"mle", "rlvr"} (empty without eval_greedy), "no_repeat": {"mle",
 "rlvr"} (with eval_reject_repeats), "per_step" (multi-step: every row's per-horizon means), "next_frame",
-"stage_seconds", "config"}`` (rows as ``rlvrw.rl.evaluate`` defines them;
+"stage_seconds", "config"}`` (rows as ``rlvrw.train.evaluate`` defines them;
 multi-step rows are means over the predicted frames, and ``next_frame`` holds the baselines', MLE's and RLVR's
 metrics at the first predicted frame alone, empty single-step), printed as a table. An evaluation is reused when
 its ``eval.json`` was made with the same settings.
@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from rlvrw import files, usage
-from rlvrw.rl.evaluate import RESULT_FILE, EvalConfig, evaluate, format_table, resolve_device
+from rlvrw.train.evaluate import RESULT_FILE, EvalConfig, evaluate, format_table, resolve_device
 from rlvrw.usage import ArgumentParser, UsageError, check_types, run_command
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class PipelineConfig:
     # its place in the previous frame. Seed 0, 93 held-out clips: after 300 steps LPIPS 0.081 -> 0.075 sampled,
     # 0.072 -> 0.060 greedy; 98.5% of unchanged tokens right at 1200 steps (changed ones: 13.5%)
     copy_prior: bool = True
-    # RLVR (GRPO); the paper's loss settings stay rlvrw.rl.trainer's defaults
+    # RLVR (GRPO); the paper's loss settings stay rlvrw.train.trainer's defaults
     reward: str = "l1+lpips"  # ops.frame_reward's metric: mae, mse, psnr, ssim, lpips, l1+lpips or a weighted sum
     rl_steps: int = 120
     rl_prompts: int = 8
@@ -277,7 +277,7 @@ def prepare_data(config: PipelineConfig) -> Path:
 def training_clips(config: PipelineConfig, episodes: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The training split's frames (N, 3, H, W) uint8 and every clip of ``clip_frames`` consecutive frames of each
     episode as indices into them (n, clip_frames): a compressive tokenizer's training data."""
-    from rlvrw.rl.pretrain import clip_times, episode_stream
+    from rlvrw.data.clips import clip_times, episode_stream
 
     frames, clips, count = [], [], 0
     for episode, _ in episode_stream(episodes, (config.frame_size, config.frame_size), "train"):
@@ -296,8 +296,7 @@ def train_tokenizer_stage(config: PipelineConfig, episodes: Path, run_dir: Path,
     from rlvrw.data.sim import export_frames
     from rlvrw.models.checkpoints import save_tokenizer
     from rlvrw.models.tokenizer import CompressiveTokenizer, FrameTokenizer
-    from rlvrw.models.tokenizer_train import TrainConfig, evaluate as tokenizer_psnr, load_frames, lpips_loss, \
-        train_tokenizer
+    from rlvrw.models.tokenizer_train import TrainConfig, load_frames, lpips_loss, reconstruction_psnr, train_tokenizer
 
     path = run_dir / "tokenizer.safetensors"
     if path.is_file():
@@ -332,8 +331,8 @@ def train_tokenizer_stage(config: PipelineConfig, episodes: Path, run_dir: Path,
     print(f"tokenizer: {data} -> {grids}, {config.tokenizer_steps} steps")
     history = train_tokenizer(model, frames, train_config, perceptual, clips=clips)
     sample = slice(None, None, max(1, len(clips if config.multi_step else frames) // 512))  # of the training data
-    quality = tokenizer_psnr(model, frames, clips[sample]) if config.multi_step else \
-        tokenizer_psnr(model, frames[sample])
+    quality = reconstruction_psnr(model, frames, clips[sample]) if config.multi_step else \
+        reconstruction_psnr(model, frames[sample])
     print(f"tokenizer: PSNR {quality['psnr']:.2f} dB, blur baseline {quality['blur_psnr']:.2f} dB")
     save_tokenizer(model, path, {"train_config": dataclasses.asdict(train_config), "metrics": quality,
                                  "final": history[-1] if history else None})
@@ -341,7 +340,7 @@ def train_tokenizer_stage(config: PipelineConfig, episodes: Path, run_dir: Path,
 
 
 def pretrain_stage(config: PipelineConfig, episodes: Path, tokenizer: Path, run_dir: Path) -> Path:
-    from rlvrw.rl.pretrain import PretrainConfig, pretrain
+    from rlvrw.train.pretrain import PretrainConfig, pretrain
 
     out_dir = run_dir / "pretrain"
     pretrain(PretrainConfig(
@@ -358,8 +357,8 @@ def pretrain_stage(config: PipelineConfig, episodes: Path, tokenizer: Path, run_
 
 def rl_stage(config: PipelineConfig, tokenizer: Path, pretrain_dir: Path, run_dir: Path, name: str = "rl") -> Path:
     """RLVR from the MLE model into ``DIR/<name>`` (resumes from its checkpoints)."""
-    from rlvrw.rl.pretrain import CACHE_FILE
-    from rlvrw.rl.trainer import RLConfig, rl
+    from rlvrw.train.pretrain import CACHE_FILE
+    from rlvrw.train.trainer import RLConfig, rl
 
     out_dir = run_dir / name
     rl(RLConfig(
@@ -472,7 +471,8 @@ def run(config: PipelineConfig, run_dir: str | Path) -> dict:
     return summary
 
 
-def print_summary(summary: dict, run_dir: Path) -> None:
+def print_results(summary: dict, run_dir: Path) -> None:
+    """Print the run's evaluation tables (every model and baseline) and where ``eval.json`` went."""
     rows = {**summary["baselines"], "mle": summary["mle"], "rlvr": summary["rlvr"]}
     rows.update({f"{model} greedy": row for model, row in summary.get("greedy", {}).items()})
     rows.update({f"{model} no-repeat": row for model, row in summary.get("no_repeat", {}).items()})
@@ -494,6 +494,10 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     print(f"wrote {run_dir / RESULT_FILE}")
 
 
+# deprecated: the old name (rlvrw.train.config.print_summary prints a run's JSON summary), kept for one release
+print_summary = print_results
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------------------------------
@@ -512,7 +516,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from err
     usage.output_dir("--run-dir", args.run_dir)
     summary = run(config, args.run_dir)
-    print_summary(summary, Path(args.run_dir))
+    print_results(summary, Path(args.run_dir))
     return 0
 
 
@@ -534,7 +538,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m rlvrw.rl.pipeline ...``: the same as ``rlvrw train ...``."""
+    """``python -m rlvrw.train.pipeline ...``: the same as ``rlvrw train ...``."""
     parser = ArgumentParser(prog="rlvrw train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

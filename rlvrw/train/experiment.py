@@ -62,7 +62,7 @@ def _metric_row(row: dict) -> dict:
 
 def seed_pipeline(config, work_dir: Path, seed: int) -> tuple[Path, dict]:
     """The default pipeline of one training seed (reused where done): (its run directory, its eval.json)."""
-    from rlvrw.rl.pipeline import run
+    from rlvrw.train.pipeline import run
 
     run_dir = work_dir / f"seed{seed}"
     return run_dir, run(dataclasses.replace(config, seed=seed), run_dir)
@@ -71,7 +71,7 @@ def seed_pipeline(config, work_dir: Path, seed: int) -> tuple[Path, dict]:
 def rl_variant(config, run_dir: Path, name: str, group_size: int | None = None) -> dict:
     """RLVR from the seed's MLE model with ``config``'s reward into ``DIR/rl_<name>``, evaluated into
     ``DIR/eval_<name>`` with ``group_size`` samples per clip (default the pipeline's): the evaluation's result."""
-    from rlvrw.rl.pipeline import eval_stage, prepare_data, rl_stage
+    from rlvrw.train.pipeline import eval_stage, prepare_data, rl_stage
 
     tokenizer, pretrain_dir = run_dir / "tokenizer.safetensors", run_dir / "pretrain"
     rl_dir = rl_stage(config, tokenizer, pretrain_dir, run_dir, f"rl_{name}")
@@ -105,7 +105,7 @@ def run_group_sizes(config, run_dir: Path, summary: dict) -> dict:
 
 def run_best_of_n(config, run_dir: Path) -> dict:
     """{"mle", "rlvr": {str(N): best of the first N of 16 samples}} on the held-out clips."""
-    from rlvrw.rl.pipeline import eval_stage, prepare_data
+    from rlvrw.train.pipeline import eval_stage, prepare_data
 
     tokenizer, episodes = run_dir / "tokenizer.safetensors", prepare_data(config)
     wide = dataclasses.replace(config, eval_group_size=BEST_OF)
@@ -118,7 +118,7 @@ def run_best_of_n(config, run_dir: Path) -> dict:
 
 def run_multistep(config, work_dir: Path, seed: int) -> dict:
     """Table 3's rows of ``preset=multistep`` for one seed: {row: {"lpips": per-horizon list, "repetition_rate"}}."""
-    from rlvrw.rl.pipeline import PRESETS, run
+    from rlvrw.train.pipeline import PRESETS, run
 
     multistep = dataclasses.replace(config, **{**PRESETS["multistep"], "preset": "multistep", "seed": seed})
     summary = run(multistep, work_dir / f"multistep_seed{seed}")
@@ -369,7 +369,7 @@ def replace_block(text: str, block: str) -> str:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    from rlvrw.rl.pipeline import parse_overrides, resolve_config
+    from rlvrw.train.pipeline import parse_overrides, resolve_config
 
     try:
         config = resolve_config(overrides={"progress": False, **parse_overrides(args.overrides)})
