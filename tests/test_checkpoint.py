@@ -262,7 +262,7 @@ def test_a_non_finite_model_is_never_written(tmp_path):
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 def test_a_damaged_tokenizer_checkpoint_is_named(tmp_path, damage):
-    from rlvrw.models.checkpoints import load_tokenizer, save_tokenizer
+    from rlvrw.models.tokenizer_files import load_tokenizer, save_tokenizer
     from rlvrw.models.tokenizer import FrameTokenizer
 
     path = save_tokenizer(FrameTokenizer(channels=(8, 8), layers_per_block=1, latent_channels=8, levels=(4, 4),

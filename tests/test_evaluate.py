@@ -10,7 +10,7 @@ import torch
 
 from rlvrw.data import rt1
 from rlvrw.data.sequences import SequenceLayout
-from rlvrw.models.checkpoints import load_tokenizer, save_tokenizer
+from rlvrw.models.tokenizer_files import load_tokenizer, save_tokenizer
 from rlvrw.models.tokenizer import CompressiveTokenizer, FrameTokenizer
 from rlvrw.models.transformer import WorldModelConfig, WorldModelTransformer
 from rlvrw.train import checkpoints as checkpoint

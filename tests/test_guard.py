@@ -244,7 +244,7 @@ def test_rl_update_with_a_nan_advantage(on_nonfinite):
 # ---- the tokenizer trainer -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
 def test_tokenizer_training_with_a_nan_perceptual_loss(tmp_path, on_nonfinite):
-    from rlvrw.models.checkpoints import save_tokenizer
+    from rlvrw.models.tokenizer_files import save_tokenizer
     from rlvrw.models.tokenizer import FrameTokenizer
     from rlvrw.models.tokenizer_train import TrainConfig, train_tokenizer
 

@@ -93,8 +93,20 @@ def test_renamed_functions_keep_their_old_names():
     from rlvrw.models import tokenizer_train
     from rlvrw.train import pipeline
 
-    assert lang_train.load_tokenizer is hf_model.load_text_tokenizer  # the video one: models.checkpoints
+    assert lang_train.load_tokenizer is hf_model.load_text_tokenizer  # the video one: models.tokenizer_files
     for name in ("merged_copy", "merged_weights", "transformers"):  # the HF helpers moved to lang.hf_model
         assert getattr(lang_train, name) is getattr(hf_model, name)
     assert tokenizer_train.evaluate is tokenizer_train.reconstruction_psnr
     assert pipeline.print_summary is pipeline.print_results  # train.config.print_summary prints a run's JSON
+
+
+def test_tokenizer_files_keep_their_old_module_path():
+    """models/checkpoints.py (tokenizer weights, beside the run checkpoints of train/checkpoints.py) is now
+    models/tokenizer_files.py; the old module re-exports the very objects."""
+    from rlvrw.models import checkpoints, tokenizer_files
+
+    names = [name for name in vars(tokenizer_files) if not name.startswith("_")
+             and getattr(vars(tokenizer_files)[name], "__module__", None) == tokenizer_files.__name__]
+    assert {"load_tokenizer", "save_tokenizer", "load_pretrained_frame_tokenizer"} <= set(names)
+    for name in names:
+        assert getattr(checkpoints, name) is getattr(tokenizer_files, name), name

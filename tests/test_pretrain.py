@@ -215,7 +215,7 @@ def test_tokenize_episodes(tmp_path, caplog):
 
 def test_command_line_from_episode_files(tmp_path):
     rt1 = pytest.importorskip("rlvrw.data.rt1")
-    checkpoints = pytest.importorskip("rlvrw.models.checkpoints")
+    checkpoints = pytest.importorskip("rlvrw.models.tokenizer_files")
     from rlvrw.models.tokenizer import FrameTokenizer
 
     rng = np.random.default_rng(0)
@@ -314,7 +314,7 @@ def test_command_line_writes_a_multi_step_cache_from_episode_files(tmp_path, cap
     import logging
 
     from rlvrw.data import rt1
-    from rlvrw.models.checkpoints import save_tokenizer
+    from rlvrw.models.tokenizer_files import save_tokenizer
 
     caplog.set_level(logging.INFO)
     rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ import torch
 from rlvrw.data import token_cache as TC
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.models import FrameTokenizer, WorldModelConfig, WorldModelTransformer
-from rlvrw.models.checkpoints import save_tokenizer
+from rlvrw.models.tokenizer_files import save_tokenizer
 from rlvrw.train import distributed
 from rlvrw.train import pretrain as P
 from rlvrw.train import trainer as T

@@ -26,7 +26,7 @@ import rlvrw.ops as ops
 from rlvrw.data import token_cache as TC
 from rlvrw.data.sequences import LayoutTables, SequenceLayout
 from rlvrw.models import LPIPS, CompressiveTokenizer, FrameTokenizer, WorldModelConfig, WorldModelTransformer
-from rlvrw.models.checkpoints import save_tokenizer
+from rlvrw.models.tokenizer_files import save_tokenizer
 from rlvrw.train import distributed
 from rlvrw.train import pretrain as P
 from rlvrw.train import trainer as T

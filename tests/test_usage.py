@@ -30,7 +30,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     file where a directory belongs, paths that do not exist), for the flags to point at."""
     from rlvrw.data import rt1
     from rlvrw.data import token_cache as TC
-    from rlvrw.models.checkpoints import save_tokenizer
+    from rlvrw.models.tokenizer_files import save_tokenizer
     from rlvrw.models.tokenizer import FrameTokenizer
     from rlvrw.train import pretrain as P
 

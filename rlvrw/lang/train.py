@@ -56,7 +56,7 @@ from rlvrw.train import grpo as train_grpo
 from rlvrw.usage import UsageError
 
 # Deprecated names, kept for one release: the HF helpers live in rlvrw.lang.hf_model, and the text tokenizer's loader is
-# load_text_tokenizer (rlvrw.models.checkpoints.load_tokenizer loads the video tokenizer).
+# load_text_tokenizer (rlvrw.models.tokenizer_files.load_tokenizer loads the video tokenizer).
 from rlvrw.lang.hf_model import merged_copy, merged_weights, transformers  # noqa: E402,F401
 load_tokenizer = load_text_tokenizer
 
@@ -68,7 +68,7 @@ FINAL_MODEL = "model"
 
 # ------------------------------------------------------------------------------------------------------ settings
 @dataclass
-class RunConfig:
+class LanguageRunConfig:
     """What SFT and GRPO runs share. ``lora=None`` trains every weight."""
 
     model: str
@@ -102,7 +102,7 @@ class RunConfig:
 
 
 @dataclass
-class SFTConfig(RunConfig):
+class SFTConfig(LanguageRunConfig):
     """Supervised fine-tuning on the gold answers. LoRA (rank 32, alpha 16, all linear layers) unless ``lora=None``."""
 
     lora: LoraSettings | None = field(default_factory=LoraSettings)
@@ -122,7 +122,7 @@ class SFTConfig(RunConfig):
 
 
 @dataclass
-class GRPOConfig(RunConfig):
+class GRPOConfig(LanguageRunConfig):
     """GRPO as RLVR-World runs it on language world models: group 5, k3 KL 1e-3 to the starting model, lr 1e-6
     (full fine-tuning; LoRA usually wants about ten times more), clip 0.2, dual clip 3."""
 
@@ -322,7 +322,7 @@ def grpo_update(policy, optimizer, batch: TokenBatch, advantages: torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------------------------------ the runs
-def _setup(cfg: RunConfig):
+def _setup(cfg: LanguageRunConfig):
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)

@@ -10,7 +10,7 @@ decoder attend, at their coarse stages, to the context frame's encoder and decod
 tokens only need to carry what changed.
 
 The CNN is the diffusers VAE layout (``rlvrw.models.vae_blocks``: ``VAEEncoder``, ``VAEDecoder`` and their blocks).
-``rlvrw.models.checkpoints`` loads the reference checkpoints into these modules.
+``rlvrw.models.tokenizer_files`` loads the reference checkpoints into these modules.
 
 The decoder has two paths. ``decode`` is the plain one (float32, NCHW, ``nn.GroupNorm`` then SiLU), used in training
 and as the spec. ``FrameTokenizer.decode_fast`` is the one for RL rollouts: the FSQ table gather fused with the 1x1

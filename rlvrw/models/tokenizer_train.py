@@ -37,7 +37,7 @@ from torch import nn
 
 from rlvrw import checks, usage
 from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard, check_on_nonfinite
-from rlvrw.models.checkpoints import safetensors_available, save_tokenizer
+from rlvrw.models.tokenizer_files import safetensors_available, save_tokenizer
 from rlvrw.models.tokenizer import CompressiveTokenizer, FrameTokenizer
 from rlvrw.usage import UsageError
 

@@ -5,7 +5,7 @@ eps 1e-6, then SiLU, then a 3x3 conv, twice) with a stride-2 conv at the end of 
 a nearest-neighbour 2x upsample + conv at the end of every decoder stage but the last, a middle block of ResNet +
 single-head self-attention + ResNet, and GroupNorm + SiLU + conv at the ends. Given ``cross_attention``, the coarse
 stages attend to a context frame's features (``CrossAttentionBlock``: the compressive tokenizer's future frames).
-Attribute names are what checkpoint keys are made of (``rlvrw.models.checkpoints`` maps the reference's onto them).
+Attribute names are what checkpoint keys are made of (``rlvrw.models.tokenizer_files`` maps the reference's onto them).
 """
 
 from __future__ import annotations

@@ -329,7 +329,7 @@ def evaluate(config: EvalConfig) -> dict:
     {"model", "model_no_repeat" (``reject_repeats``), "best_of_n" and "mean_of_n" (G > 1), "copy_last",
     "copy_last_tokens", "tokenizer": {metric: mean} (multi-step: every row but best_of_n also has "per_step"),
     "clips", "episodes", "group_size", "x100", "lpips_net", "strips", "config"}."""
-    from rlvrw.models.checkpoints import load_tokenizer
+    from rlvrw.models.tokenizer_files import load_tokenizer
 
     config.check_inputs()
     device = resolve_device(config.device)

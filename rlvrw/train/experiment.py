@@ -13,7 +13,7 @@ from that seed's MLE model:
 - ``group_size`` (Fig. 4b): RLVR with -(L1 + LPIPS) at G = 4, 8, 16 samples per prompt (the prompts per step fixed).
 - ``best_of_n`` (Fig. 4a): the MLE and the RLVR model, 16 samples per held-out clip, the best of the first N for
   N = 1, 2, 4, 8, 16.
-- ``multistep`` (Table 3, not in the default parts: about 30 CPU minutes per seed before RL): ``rlvrw train
+- ``multistep`` (Table 3, not in the default parts: several times the default pipeline's cost per seed): ``rlvrw train
   preset=multistep`` into ``WORK/multistep_seed<s>``: LPIPS at every prediction horizon and the repetition rate of
   the MLE and the RLVR model, sampled and greedy, and the repetition-rejection baseline (per clip, the first of the
   samples that repeats no frame).

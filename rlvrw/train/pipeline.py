@@ -30,9 +30,9 @@ its ``eval.json`` was made with the same settings.
 
 Settings: ``DEFAULT_CONFIG`` (``PipelineConfig``'s defaults: 300 PushT episodes of 32 frames at 32 x 32, each
 target held for 3 simulator steps, 8 x 8 tokens per frame, 1 context frame, a 2.8M-parameter world model with the
-copy prior, 120 RL steps, evaluation sampled at temperature 1 with top-k 100 as the reference's, and greedy; about 10
-minutes on 2 idle CPU cores, plus under a minute to generate the data the first time), then the preset
-(``preset=smoke`` or ``--quick``: a minute or two, for tests), then the config file (JSON, or YAML when PyYAML is
+copy prior, 120 RL steps, evaluation sampled at temperature 1 with top-k 100 as the reference's, and greedy; sized to finish
+within 15 minutes on 2 CPU cores, the budget it is held to), then the preset (``preset=smoke`` or ``--quick``: every
+stage in miniature, for tests), then the config file (JSON, or YAML when PyYAML is
 installed), then the ``key=value`` arguments (values are read as JSON when they parse, else as strings: ``rl_steps=50``,
 ``tokenizer_channels=[32,64,64,64]``, ``sim=pusht``). The resolved settings are written to ``DIR/config.json``.
 """
@@ -66,7 +66,7 @@ PRESETS = {
                   rl_lpips_net="alex", eval_group_size=2, eval_lpips_net="alex", eval_strip_clips=1),
     # multi-step, the paper's RT-1 setting at CPU size: a compressive tokenizer (16 x 16 ids for the context frame, 8 x
     # 8 for each future frame: with 4 x 4, no future frame reconstructs better than copying the last frame), 3 frames
-    # predicted per clip; about 30 minutes on 2 CPU cores before RL
+    # predicted per clip; several times the default's cost before RL (sequences four times longer)
     "multistep": dict(tokenizer_kind="compressive", tokenizer_channels=[32, 64], tokenizer_patch_size=2,
                       tokenizer_steps=1200, predicted_frames=3, eval_reject_repeats=True),
 }
@@ -294,7 +294,7 @@ def train_tokenizer_stage(config: PipelineConfig, episodes: Path, run_dir: Path,
     """``DIR/tokenizer.safetensors``, trained on the training split's frames (a ``FrameTokenizer``) or clips (a
     ``CompressiveTokenizer``) unless it is there already."""
     from rlvrw.data.sim import export_frames
-    from rlvrw.models.checkpoints import save_tokenizer
+    from rlvrw.models.tokenizer_files import save_tokenizer
     from rlvrw.models.tokenizer import CompressiveTokenizer, FrameTokenizer
     from rlvrw.models.tokenizer_train import TrainConfig, load_frames, lpips_loss, reconstruction_psnr, train_tokenizer
 

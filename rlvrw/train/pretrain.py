@@ -229,7 +229,7 @@ def prepare_token_cache(config: PretrainConfig, context: distributed.Distributed
         return Path(config.data)
     cache_path = Path(config.out_dir) / CACHE_FILE
     if context.is_main and not cache_path.is_file():
-        from rlvrw.models.checkpoints import load_tokenizer
+        from rlvrw.models.tokenizer_files import load_tokenizer
 
         tokenizer = load_tokenizer(config.tokenizer).to(context.device)
         episodes = episode_stream(config.episodes, config.frame_size, action_bins=config.action_bins)

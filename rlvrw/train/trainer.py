@@ -453,7 +453,7 @@ def rl(config: RLConfig) -> dict:
 
 
 def _train(config: RLConfig, context: distributed.DistributedContext) -> dict:
-    from rlvrw.models.checkpoints import load_tokenizer
+    from rlvrw.models.tokenizer_files import load_tokenizer
 
     device = context.device
     if config.prompts_per_step % context.world_size:
