@@ -157,7 +157,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Stage(nn.Module):
+class VAEStage(nn.Module):
     """ResNet blocks at one resolution, then a resampling layer (or none, for the last stage)."""
 
     def __init__(self, in_channels: int, out_channels: int, num_resnets: int, num_groups: int, resample: type | None):
@@ -202,7 +202,7 @@ class VAEEncoder(nn.Module):
         self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
         last = len(channels) - 1
         self.stages = nn.ModuleList(
-            Stage(channels[max(i - 1, 0)], c, layers_per_block, num_groups, Downsample if i < last else None)
+            VAEStage(channels[max(i - 1, 0)], c, layers_per_block, num_groups, Downsample if i < last else None)
             for i, c in enumerate(channels)
         )
         self.cross_attentions = nn.ModuleDict()
@@ -245,7 +245,7 @@ class VAEDecoder(nn.Module):
         self.conv_in = nn.Conv2d(latent_channels, widest_first[0], 3, padding=1)
         self.mid = MidBlock(widest_first[0], num_groups)
         self.stages = nn.ModuleList(
-            Stage(widest_first[max(i - 1, 0)], c, layers_per_block + 1, num_groups, Upsample if i < last else None)
+            VAEStage(widest_first[max(i - 1, 0)], c, layers_per_block + 1, num_groups, Upsample if i < last else None)
             for i, c in enumerate(widest_first)
         )
         self.cross_attentions = nn.ModuleDict()

@@ -23,7 +23,7 @@ def scored_positions(layout: SequenceLayout) -> torch.Tensor:
     return layout.tables().loss_mask[1:].nonzero().squeeze(1) + 1
 
 
-def token_logprobs(world_model: WorldModelTransformer, ids: torch.Tensor, target_positions: torch.Tensor,
+def world_model_logprobs(world_model: WorldModelTransformer, ids: torch.Tensor, target_positions: torch.Tensor,
                    id_range: tuple[int, int] | None = None, temperature: float = 1.0, return_entropy: bool = False):
     """Log-probs (n, L) of the tokens of whole sequences ``ids`` (n, seq_len) at ``target_positions`` (L,) under
     softmax(logits / temperature) over the whole vocabulary, or over the ids [low, high) of ``id_range``; with
@@ -51,7 +51,7 @@ class NextTokenLoss(nn.Module):
         self.register_buffer("target_positions", scored_positions(layout), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return -token_logprobs(self.world_model, ids, self.target_positions).sum()
+        return -world_model_logprobs(self.world_model, ids, self.target_positions).sum()
 
 
 def sampled_token_range(layout: SequenceLayout) -> tuple[int, int]:
@@ -79,5 +79,5 @@ class SampledTokenLogprobs(nn.Module):
         self.response_positions = targets - layout.prompt_len  # (L,) on the CPU: index of a Rollout's (n, R) tensors
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_logprobs(self.world_model, ids, self.target_positions, self.id_range, self.temperature,
+        return world_model_logprobs(self.world_model, ids, self.target_positions, self.id_range, self.temperature,
                               return_entropy=True)
