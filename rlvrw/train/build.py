@@ -4,6 +4,7 @@ learning-rate schedule, the autocast precision, the training FLOPs (for MFU), an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 
@@ -23,6 +24,21 @@ MODEL_SIZES = ("small", "base")
 PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12),
 )
+
+
+def check_training_settings(config) -> None:
+    """The settings every trainer of the world model shares (pre-training and RL configs call this from
+    ``__post_init__``): the learning-rate floor, AdamW's betas, the model overrides and where a run may stop."""
+    checks.number("min_lr_ratio", config.min_lr_ratio, 0, 1)
+    if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {config.betas!r}")
+    if not isinstance(config.model_overrides, dict):
+        raise ValueError(f"model_overrides must be a dict of WorldModelConfig fields, got {config.model_overrides!r}")
+    unknown = sorted(set(config.model_overrides) - {f.name for f in dataclasses.fields(WorldModelConfig)})
+    if unknown:
+        raise ValueError(f"model_overrides has keys that are not WorldModelConfig fields: {unknown}")
+    if config.stop_at_step > config.steps:
+        raise ValueError(f"stop_at_step ({config.stop_at_step}) must be at most steps ({config.steps})")
 
 
 def build_world_model(config, layout: SequenceLayout) -> WorldModelTransformer:

@@ -29,7 +29,6 @@ continues from it; on CPU the continuation is bit-identical to an uninterrupted 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -43,13 +42,14 @@ from rlvrw.data.clips import ClipSampler, episode_stream, layout_for_cache
 from rlvrw.data.token_cache import load_token_cache
 from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard
 from rlvrw.models.tokenizer import CompressiveTokenizer
-from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig
+from rlvrw.models.transformer import ATTENTION_BACKENDS
 from rlvrw.train import distributed
 from rlvrw.train.build import (
     MODEL_SIZES,
     PRECISIONS,
     autocast_dtype,
     build_world_model,
+    check_training_settings,
     make_optimizer,
     make_scheduler,
     peak_flops,
@@ -145,23 +145,14 @@ class PretrainConfig(RunConfig):
         for name in NON_NEGATIVE_FIELDS:
             checks.number(name, getattr(self, name), low=0)
         checks.positive("lr", self.lr)
-        checks.number("min_lr_ratio", self.min_lr_ratio, 0, 1)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        check_training_settings(self)
         if self.frame_size is not None and (len(self.frame_size) != 2 or min(self.frame_size) < 1):
             raise ValueError(f"frame_size must be (H, W) positive, got {self.frame_size!r}")
-        if not isinstance(self.model_overrides, dict):
-            raise ValueError(f"model_overrides must be a dict of WorldModelConfig fields, got {self.model_overrides!r}")
-        unknown = sorted(set(self.model_overrides) - {f.name for f in dataclasses.fields(WorldModelConfig)})
-        if unknown:
-            raise ValueError(f"model_overrides has keys that are not WorldModelConfig fields: {unknown}")
         if bool(self.data) == bool(self.episodes):
             raise ValueError("give exactly one of data (a token cache) and episodes (with tokenizer)")
         if self.episodes and not self.tokenizer:
             raise ValueError("episodes needs tokenizer: the FrameTokenizer or CompressiveTokenizer checkpoint that "
                              "codes the frames")
-        if self.stop_at_step > self.steps:
-            raise ValueError(f"stop_at_step ({self.stop_at_step}) must be at most steps ({self.steps})")
 
     def check_inputs(self) -> None:
         """The files a run reads must exist (``rlvrw.usage``'s one-line errors), and ``out_dir`` be no file."""

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import json
 import time
@@ -63,7 +62,7 @@ from rlvrw.data.clips import ClipSampler, layout_for_cache
 from rlvrw.data.sequences import SequenceLayout
 from rlvrw.data.token_cache import load_token_cache
 from rlvrw.guard import ON_NONFINITE, ON_NONFINITE_HELP, NonFiniteGuard
-from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelConfig, WorldModelTransformer
+from rlvrw.models.transformer import ATTENTION_BACKENDS, WorldModelTransformer
 from rlvrw.reference.grpo import ADVANTAGE_SCALES, KL_TYPES, LOSS_AGGS
 from rlvrw.train import distributed
 from rlvrw.train.build import (
@@ -71,6 +70,7 @@ from rlvrw.train.build import (
     PRECISIONS,
     autocast_dtype,
     build_world_model,
+    check_training_settings,
     make_optimizer,
     make_scheduler,
     value_checks_off_on_gpu,
@@ -181,19 +181,10 @@ class RLConfig(RunConfig):
             checks.number(name, getattr(self, name), low=0)
         for name in ("lr", "temperature"):
             checks.positive(name, getattr(self, name))
-        checks.number("min_lr_ratio", self.min_lr_ratio, 0, 1)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        check_training_settings(self)
         if not any(self.reward_weights().values()):
             raise ValueError(f"every weight of the reward {self.reward!r} is 0 (l1_weight, lpips_weight): the reward "
                              "would be constant")
-        if not isinstance(self.model_overrides, dict):
-            raise ValueError(f"model_overrides must be a dict of WorldModelConfig fields, got {self.model_overrides!r}")
-        unknown = sorted(set(self.model_overrides) - {f.name for f in dataclasses.fields(WorldModelConfig)})
-        if unknown:
-            raise ValueError(f"model_overrides has keys that are not WorldModelConfig fields: {unknown}")
-        if self.stop_at_step > self.steps:
-            raise ValueError(f"stop_at_step ({self.stop_at_step}) must be at most steps ({self.steps})")
         ops.GRPOOptions(**self.loss_options())  # the loss's own checks (clip ranges), now rather than at step 1
 
     def reward_weights(self) -> dict[str, float]:
