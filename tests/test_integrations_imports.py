@@ -15,7 +15,8 @@ ALLOWED = {  # top-level packages each module may import, besides the standard l
     "verl": {"verl"}, "trl": {"trl", "accelerate"}, "liger": set(), "openrlhf": set(), "_trl_options": set(),
     "__init__": set(),
 }
-OURS = {"rlvrw", "rlvrw.ops", "rlvrw.reference", "rlvrw.integrations", "rlvrw.integrations._trl_options"}
+# the ops, their reference and the base layer's public input checks (docs/architecture.md)
+OURS = {"rlvrw", "rlvrw.ops", "rlvrw.reference", "rlvrw.checks", "rlvrw.integrations", "rlvrw.integrations._trl_options"}
 
 
 def imports(path: Path) -> set[str]:
