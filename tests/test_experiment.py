@@ -76,6 +76,22 @@ def test_multistep_table_and_plot(tmp_path):
     assert E.mean_over_seeds({"0": {"a": [1.0, 2.0]}, "1": {"a": [3.0, 4.0]}}) == {"a": [2.0, 3.0]}
 
 
+def test_report_shows_every_seed_beside_the_mean(tmp_path):
+    """With two seeds, the Fig. 4 tables show each seed's LPIPS, so a claim is seen to hold on each seed."""
+    per_seed = {s: {name: {m: v + 0.1 * int(s) for m in E.TABLE_METRICS}
+                    for name, v in (("mle", 0.5), ("4", 0.4), ("8", 0.3))} for s in ("0", "1")}
+    mean = E.mean_over_seeds(per_seed)
+    (tmp_path / "group_size.json").write_text(json.dumps({"seeds": [0, 1], "per_seed": per_seed, "mean": mean}))
+    curve = {s: {m: {n: {"lpips": 0.1 * int(n) + int(s)} for n in ("1", "2")} for m in ("mle", "rlvr")}
+             for s in ("0", "1")}
+    (tmp_path / "best_of_n.json").write_text(json.dumps({"seeds": [0, 1], "per_seed": curve,
+                                                          "mean": E.mean_over_seeds(curve)}))
+    block = E.report(tmp_path)
+    assert "| model | mae | lpips | lpips seed 0 | lpips seed 1 |" in block
+    assert "| G = 4 | 0.45 | 0.45 | 0.4 | 0.5 |" in block
+    assert "| RLVR seed 1 | 1.1 | 1.2 |" in block
+
+
 def test_readme_results_block_is_the_reports_output():
     """The README's result tables are what `rlvrw experiment report` makes from the committed JSON results."""
     readme = (ROOT / "README.md").read_text()

@@ -304,6 +304,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _seed_columns(result: dict) -> list[str]:
+    """With several seeds, one LPIPS column per seed beside the mean: a claim should hold on each."""
+    return [f"lpips seed {seed}" for seed in result["per_seed"]] if len(result["per_seed"]) > 1 else []
+
+
+def _per_seed(result: dict, name: str) -> list[str]:
+    if len(result["per_seed"]) < 2:
+        return []
+    return [_number(runs[name]["lpips"]) for runs in result["per_seed"].values()]
+
+
 def report(results_dir: Path, image_prefix: str = "") -> str:
     """The markdown block of the README from ``results_dir``'s JSON files (parts that are missing are left out)."""
     results_dir = Path(results_dir)
@@ -328,18 +339,24 @@ def report(results_dir: Path, image_prefix: str = "") -> str:
         elif part == "metrics":
             lines += [f"Each metric as the RLVR reward (Fig. 4c), from the same MLE model, evaluated on every metric "
                       f"(mean over samples and seeds {seeds}; lower is better for MAE, MSE, LPIPS):", ""]
-            rows = [[name] + [_number(result["mean"][name][m]) for m in TABLE_METRICS] for name in result["mean"]]
-            lines += _table(["reward"] + ["mae" if m == "l1" else m for m in TABLE_METRICS], rows)
+            rows = [[name] + [_number(result["mean"][name][m]) for m in TABLE_METRICS] + _per_seed(result, name)
+                    for name in result["mean"]]
+            lines += _table(["reward"] + ["mae" if m == "l1" else m for m in TABLE_METRICS] + _seed_columns(result),
+                            rows)
         elif part == "group_size":
             lines += [f"Group size (Fig. 4b), reward -(L1 + LPIPS), seeds {seeds} (mean):", ""]
             rows = [[name if name == "mle" else f"G = {name}"]
-                    + [_number(result["mean"][name][m]) for m in ("l1", "lpips")] for name in result["mean"]]
-            lines += _table(["model", "mae", "lpips"], rows)
+                    + [_number(result["mean"][name][m]) for m in ("l1", "lpips")] + _per_seed(result, name)
+                    for name in result["mean"]]
+            lines += _table(["model", "mae", "lpips"] + _seed_columns(result), rows)
         elif part == "best_of_n":
             lines += [f"Best of N samples (Fig. 4a), LPIPS, seeds {seeds} (mean):", ""]
             sizes = list(result["mean"]["mle"])
             rows = [[model.upper()] + [_number(result["mean"][model][n]["lpips"]) for n in sizes]
                     for model in ("mle", "rlvr")]
+            if len(result["per_seed"]) > 1:  # every claim on every seed, not only on the mean
+                rows += [[f"{model.upper()} seed {seed}"] + [_number(runs[model][n]["lpips"]) for n in sizes]
+                         for seed, runs in result["per_seed"].items() for model in ("mle", "rlvr")]
             lines += _table(["model"] + [f"N = {n}" for n in sizes], rows)
         elif part == "multistep":
             horizons = len(next(iter(result["mean"].values()))["lpips"])
