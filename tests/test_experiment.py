@@ -104,3 +104,7 @@ def test_bad_arguments_exit_2(capsys):
     assert "--parts" in capsys.readouterr().err
     assert E.main(["run", "bogus=1"]) == 2
     assert "unknown settings" in capsys.readouterr().err
+    # settings written after --parts are settings, not parts (argparse hands them to --parts' nargs="*")
+    assert E.main(["run", "--parts", "multistep", "bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown settings" in err and "--parts" not in err

@@ -388,15 +388,18 @@ def replace_block(text: str, block: str) -> str:
 def _run_cli(args: argparse.Namespace) -> int:
     from rlvrw.train.pipeline import parse_overrides, resolve_config
 
+    # `--parts multistep key=value` : argparse gives the settings to --parts (nargs="*"); they are settings
+    settings = [item for item in args.parts if "=" in item]
+    parts = [item for item in args.parts if "=" not in item]
     try:
-        config = resolve_config(overrides={"progress": False, **parse_overrides(args.overrides)})
-        unknown = sorted(set(args.parts) - set(ALL_PARTS))
+        config = resolve_config(overrides={"progress": False, **parse_overrides([*args.overrides, *settings])})
+        unknown = sorted(set(parts) - set(ALL_PARTS))
         if unknown:
             raise ValueError(f"--parts must be among {list(ALL_PARTS)}, got {unknown}")
     except ValueError as err:
         print(f"rlvrw experiment run: error: {err}", file=sys.stderr)
         return 2
-    run(config, Path(args.work_dir), Path(args.out), args.seeds, tuple(args.parts))
+    run(config, Path(args.work_dir), Path(args.out), args.seeds, tuple(parts))
     print(report(Path(args.out)))
     return 0
 
