@@ -357,9 +357,11 @@ class GRPOTrainer:
             timer.mark("reward")
             sums = self.update(rollout, advantages, step + 1)
             timer.mark("update")
-        # float64: the std comes from E[r^2] - E[r]^2 over every rank, which cancels most of fp32's digits
-        sums.update({f"reward_{name}": value.sum() for name, value in terms.items()})
-        sums.update(reward=rewards.double().sum(), reward_sq=rewards.double().square().sum(), reward_l1=l1.sum(),
+        # float64: the std comes from E[r^2] - E[r]^2 over every rank, which cancels most of fp32's digits; the terms
+        # are summed alike, so a one-term reward logs the same mean as its term
+        sums.update({f"reward_{name}": value.double().sum() for name, value in terms.items()})
+        sums.update(reward=rewards.double().sum(), reward_sq=rewards.double().square().sum(),
+                    reward_l1=l1.double().sum(),
                     repetition=repeated_frames(layout, rollout.ids).sum(),
                     samples=torch.full((), float(rewards.numel()), device=rewards.device))
         return sums, timer
