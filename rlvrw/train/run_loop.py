@@ -36,7 +36,10 @@ def in_process_group(config: RunConfig, train: Callable[[RunConfig, distributed.
     joined_here = not dist.is_initialized()
     context = distributed.setup(config.device)
     try:
-        return train(config, context)
+        result = train(config, context)
+        if joined_here:  # a rank that left while another still wrote the model aborted in gloo's teardown (rarely)
+            distributed.barrier()
+        return result
     finally:
         if joined_here:
             distributed.teardown()
