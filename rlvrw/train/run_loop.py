@@ -36,10 +36,7 @@ def in_process_group(config: RunConfig, train: Callable[[RunConfig, distributed.
     joined_here = not dist.is_initialized()
     context = distributed.setup(config.device)
     try:
-        result = train(config, context)
-        if joined_here:  # a rank that left while another still wrote the model aborted in gloo's teardown (rarely)
-            distributed.barrier()
-        return result
+        return train(config, context)
     finally:
         if joined_here:
             distributed.teardown()
