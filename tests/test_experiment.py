@@ -86,8 +86,15 @@ def test_report_shows_every_seed_beside_the_mean(tmp_path):
              for s in ("0", "1")}
     (tmp_path / "best_of_n.json").write_text(json.dumps({"seeds": [0, 1], "per_seed": curve,
                                                           "mean": E.mean_over_seeds(curve)}))
+    steps = {s: {name: {"lpips": [0.1 + int(s), 0.2], "repetition_rate": 0.5 * int(s)} for name in ("mle", "rlvr")}
+             for s in ("0", "1")}
+    (tmp_path / "multistep.json").write_text(json.dumps({"seeds": [0, 1], "per_seed": steps,
+                                                          "mean": E.mean_over_seeds(steps)}))
     block = E.report(tmp_path)
     assert "| model | mae | lpips | lpips seed 0 | lpips seed 1 |" in block
+    assert ("| row | t = 1 | t = 2 | mean | repetition | mean seed 0 | repetition seed 0 | mean seed 1 | "
+            "repetition seed 1 |") in block
+    assert "| rlvr | 0.6 | 0.2 | 0.4 | 25.0% | 0.15 | 0.0% | 0.65 | 50.0% |" in block
     assert "| G = 4 | 0.45 | 0.45 | 0.4 | 0.5 |" in block
     assert "| RLVR seed 1 | 1.1 | 1.2 |" in block
 

@@ -363,10 +363,16 @@ def report(results_dir: Path, image_prefix: str = "") -> str:
             lines += [f"Multi-step prediction (`preset=multistep`, Table 3), seeds {seeds} (mean): LPIPS at each "
                       "predicted frame and the repetition rate (a predicted frame whose ids equal the previous "
                       "frame's); no_repeat: per clip the first sample that repeats no frame.", ""]
-            rows = [[name] + [_number(v) for v in row["lpips"]] + [_number(sum(row["lpips"]) / horizons),
-                                                                   f"{row['repetition_rate']:.1%}"]
+            by_seed = result["per_seed"] if len(result["per_seed"]) > 1 else {}  # the claim on each seed too
+
+            def summary(row: dict) -> list[str]:
+                return [_number(sum(row["lpips"]) / horizons), f"{row['repetition_rate']:.1%}"]
+
+            rows = [[name] + [_number(v) for v in row["lpips"]] + summary(row)
+                    + [cell for runs in by_seed.values() for cell in summary(runs[name])]
                     for name, row in result["mean"].items()]
-            lines += _table(["row"] + [f"t = {t + 1}" for t in range(horizons)] + ["mean", "repetition"], rows)
+            lines += _table(["row"] + [f"t = {t + 1}" for t in range(horizons)] + ["mean", "repetition"]
+                            + [f"{column} seed {seed}" for seed in by_seed for column in ("mean", "repetition")], rows)
         if (results_dir / f"{part}.png").is_file():
             lines += ["", f"![{part}]({image_prefix}{part}.png)"]
     return "\n".join(lines + ["", END])
