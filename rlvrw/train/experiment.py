@@ -212,6 +212,22 @@ def relative_gain(row: dict, base: dict, metric: str) -> float:
     return change if metric in HIGHER_IS_BETTER else -change
 
 
+def _seed_curves(ax, sizes: list[str], per_seed: list[dict], mean: dict, color: str, label: str) -> None:
+    """LPIPS against ``sizes``: one thin line per seed, the mean over seeds bold and labelled."""
+    xs = [int(size) for size in sizes]
+    for rows in per_seed:
+        ax.plot(xs, [rows[size]["lpips"] for size in sizes], "-", color=color, alpha=0.35, lw=1)
+    ax.plot(xs, [mean[size]["lpips"] for size in sizes], "o-", color=color, lw=2, label=label)
+
+
+def _log2_axis(ax, sizes: list[str], xlabel: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([int(size) for size in sizes], sizes)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("LPIPS (lower is better)")
+    ax.legend(fontsize=8)
+
+
 def plot(part: str, result: dict, path: Path) -> None:
     """The part's figure as a PNG at ``path``."""
     plt = _pyplot()
@@ -246,30 +262,16 @@ def plot(part: str, result: dict, path: Path) -> None:
     elif part == "group_size":
         fig, ax = plt.subplots(figsize=(5, 3.2))
         sizes = [g for g in mean if g != "mle"]
-        for seed in seeds:
-            ax.plot([int(g) for g in sizes], [result["per_seed"][seed][g]["lpips"] for g in sizes], "o-", color="C1",
-                    alpha=0.35, lw=1)
-        ax.plot([int(g) for g in sizes], [mean[g]["lpips"] for g in sizes], "o-", color="C1", lw=2, label="RLVR")
+        _seed_curves(ax, sizes, [result["per_seed"][seed] for seed in seeds], mean, "C1", "RLVR")
         ax.axhline(mean["mle"]["lpips"], color="C0", ls="--", label="MLE")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([int(g) for g in sizes], sizes)
-        ax.set_xlabel("group size G (samples per prompt)")
-        ax.set_ylabel("LPIPS (lower is better)")
-        ax.legend(fontsize=8)
+        _log2_axis(ax, sizes, "group size G (samples per prompt)")
     elif part == "best_of_n":
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for model, color in (("mle", "C0"), ("rlvr", "C1")):
             sizes = list(mean[model])
-            for seed in seeds:
-                ax.plot([int(n) for n in sizes], [result["per_seed"][seed][model][n]["lpips"] for n in sizes], "-",
-                        color=color, alpha=0.35, lw=1)
-            ax.plot([int(n) for n in sizes], [mean[model][n]["lpips"] for n in sizes], "o-", color=color, lw=2,
-                    label=model.upper())
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([int(n) for n in sizes], sizes)
-        ax.set_xlabel("N (best of the first N samples)")
-        ax.set_ylabel("LPIPS (lower is better)")
-        ax.legend(fontsize=8)
+            _seed_curves(ax, sizes, [result["per_seed"][seed][model] for seed in seeds], mean[model], color,
+                         model.upper())
+        _log2_axis(ax, sizes, "N (best of the first N samples)")
     elif part == "multistep":
         fig, ax = plt.subplots(figsize=(5.6, 3.4))
         styles = {"copy_last": ("0.5", ":"), "tokenizer": ("0.7", ":"), "mle": ("C0", "-"), "rlvr": ("C1", "-"),
